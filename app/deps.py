@@ -1,0 +1,37 @@
+"""Dependencies shared by the routers (FastAPI `Annotated` style)."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from app.errors import UnauthorizedError
+from app.service import ModelService
+
+_bearer = HTTPBearer(auto_error=False)
+
+
+def get_service(request: Request) -> ModelService:
+    return request.app.state.service
+
+
+Service = Annotated[ModelService, Depends(get_service)]
+
+
+def require_api_key(
+    service: Service,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> None:
+    """When QS_API_KEY is set, generation routes need `Authorization: Bearer <key>`."""
+    expected = service.settings.api_key
+    if expected is None:
+        return
+    given = credentials.credentials if credentials else ""
+    if not secrets.compare_digest(given.encode(), expected.get_secret_value().encode()):
+        raise UnauthorizedError("missing or invalid API key", headers={"WWW-Authenticate": "Bearer"})
+
+
+ApiKey = Depends(require_api_key)

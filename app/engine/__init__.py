@@ -1,0 +1,1 @@
+"""Generation engine: scheduling, sampling, detokenization and the model runners."""

@@ -1,0 +1,77 @@
+"""Next-token choice from one row of logits: greedy or sampled, with TGI's parameters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 20
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float | None = None
+    do_sample: bool = False
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+    @property
+    def sampling(self) -> bool:
+        """As in TGI: any warper turns sampling on; temperature 0 means greedy."""
+        if self.temperature is not None and self.temperature == 0:
+            return False
+        warped = (
+            (self.temperature is not None and self.temperature != 1.0)
+            or (self.top_k is not None and self.top_k > 0)
+            or (self.top_p is not None and self.top_p < 1.0)
+        )
+        return self.do_sample or warped
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL-style penalty on tokens already in the sequence (prompt included)."""
+    if penalty == 1.0 or seen.numel() == 0:
+        return logits
+    picked = logits.gather(-1, seen)
+    picked = torch.where(picked > 0, picked / penalty, picked * penalty)
+    return logits.scatter(-1, seen, picked)
+
+
+def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature, then top-k, then top-p (nucleus) filtering; filtered logits become -inf."""
+    if params.temperature is not None and params.temperature > 0:
+        logits = logits / params.temperature
+    if params.top_k is not None and 0 < params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k).values[..., -1, None]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p is not None and params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # drop a token when the mass before it already reaches top_p (the first one always stays)
+        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= params.top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def choose_token(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator | None,
+    seen: torch.Tensor,
+) -> tuple[int, float]:
+    """Return (token id, its log-probability under the final distribution) for a 1-D logits row."""
+    logits = logits.float()
+    if params.repetition_penalty is not None:
+        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if params.sampling:
+        logits = warp(logits, params)
+        logprobs = torch.log_softmax(logits, dim=-1)
+        token = int(torch.multinomial(logprobs.exp(), 1, generator=generator).item())
+    else:
+        logprobs = torch.log_softmax(logits, dim=-1)
+        token = int(torch.argmax(logits).item())
+    return token, float(logprobs[token].item())

@@ -1,0 +1,1 @@
+"""HTTP routers. They call `ModelService` and never touch torch."""

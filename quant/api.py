@@ -1,0 +1,212 @@
+"""`quantize_(model, config)`: the one entry point that applies a precision mode."""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from quant.config import QuantConfig
+from quant.layers.base import QuantizedLinear
+
+log = logging.getLogger(__name__)
+
+ModuleFilter = Callable[[nn.Module, str], bool]
+
+
+@dataclass
+class LayerError:
+    name: str
+    relative_error: float  # ||W - Ŵ||_F / ||W||_F
+    sqnr_db: float  # 10 log10(||W||² / ||W - Ŵ||²)
+
+
+@dataclass
+class QuantReport:
+    mode: str
+    backend: str
+    bits: float
+    group_size: int | None
+    compute_dtype: str
+    total_weight_bytes: int = 0
+    quantized_layers_bytes: int = 0
+    quantized_layers_fp32_bytes: int = 0
+    float_bytes: int = 0
+    layers_quantized: int = 0
+    layers_skipped: int = 0
+    layers_fallback: int = 0
+    kernels: dict[str, int] = field(default_factory=dict)
+    layer_errors: list[LayerError] = field(default_factory=list)
+
+    @property
+    def quantized_ratio(self) -> float | None:
+        """Bytes of the quantized layers over what the same layers take in fp32."""
+        if not self.quantized_layers_fp32_bytes:
+            return None
+        return self.quantized_layers_bytes / self.quantized_layers_fp32_bytes
+
+    def error_summary(self) -> dict[str, float | str | None]:
+        if not self.layer_errors:
+            return {"mean_relative_error": None, "mean_sqnr_db": None, "worst_layer": None}
+        worst = max(self.layer_errors, key=lambda e: e.relative_error)
+        n = len(self.layer_errors)
+        return {
+            "mean_relative_error": sum(e.relative_error for e in self.layer_errors) / n,
+            "mean_sqnr_db": sum(e.sqnr_db for e in self.layer_errors) / n,
+            "worst_layer": worst.name,
+            "worst_relative_error": worst.relative_error,
+            "worst_sqnr_db": worst.sqnr_db,
+        }
+
+    def summary(self) -> dict:
+        """JSON-ready summary (per-layer errors folded into mean and worst)."""
+        data = asdict(self)
+        data.pop("layer_errors")
+        data["quantized_ratio"] = self.quantized_ratio
+        data["errors"] = self.error_summary()
+        return data
+
+
+def tensor_bytes(tensors: list[torch.Tensor]) -> int:
+    """Bytes of distinct storages (a tied weight counts once)."""
+    seen: set[int] = set()
+    total = 0
+    for t in tensors:
+        key = t.untyped_storage().data_ptr()
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.numel() * t.element_size()
+    return total
+
+
+def module_bytes(module: nn.Module) -> int:
+    return tensor_bytes([*module.parameters(), *module.buffers()])
+
+
+def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+    # "down_proj" matches "model.layers.3.mlp.down_proj"; globs work as usual.
+    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, f"*.{p}") for p in patterns)
+
+
+def _as_linear(module: nn.Module) -> nn.Linear | None:
+    """nn.Linear as is; transformers' Conv1D (weight stored [in, out]) as an equivalent Linear."""
+    if isinstance(module, nn.Linear):
+        return module
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        weight = module.weight.detach()
+        linear = nn.Linear(weight.shape[0], weight.shape[1], bias=module.bias is not None, device=weight.device)
+        linear.weight.data = weight.t().contiguous()
+        if module.bias is not None:
+            linear.bias.data = module.bias.detach().clone()
+        return linear
+    return None
+
+
+def _layer_error(name: str, weight: torch.Tensor, approx: torch.Tensor) -> LayerError:
+    w = weight.detach().float()
+    diff = (w - approx.float().to(w.device)).pow(2).sum().item()
+    energy = w.pow(2).sum().item()
+    rel = math.sqrt(diff / energy) if energy else 0.0
+    sqnr = 10 * math.log10(energy / diff) if diff else float("inf")
+    return LayerError(name, rel, sqnr)
+
+
+def _is_tied_head(model: nn.Module, name: str, module: nn.Module) -> bool:
+    get_in = getattr(model, "get_input_embeddings", None)
+    get_out = getattr(model, "get_output_embeddings", None)
+    if get_in is None or get_out is None or get_out() is not module:
+        return False
+    emb = get_in()
+    return emb is not None and emb.weight.data_ptr() == module.weight.data_ptr()
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def quantize_(
+    model: nn.Module,
+    config: QuantConfig,
+    filter_fn: ModuleFilter | None = None,
+    *,
+    measure_error: bool = True,
+) -> QuantReport:
+    """Apply `config` to `model` in place and report what it did.
+
+    Float modes cast the whole model. Other modes replace every nn.Linear and
+    GPT-2 Conv1D that passes `filter_fn(module, name)`, is not matched by
+    `config.skip_modules`, and is not the tied output head (unless
+    `config.quantize_lm_head`, which unties it first).
+    """
+    config.check_available()
+    compute_dtype = config.compute_dtype()
+    report = QuantReport(
+        mode=config.name,
+        backend=config.backend,
+        bits=config.bits,
+        group_size=config.group_size_label(),
+        compute_dtype=str(compute_dtype).removeprefix("torch."),
+    )
+    if not config.replaces_linears:
+        model.to(compute_dtype)
+    else:
+        model.to(compute_dtype)
+        _replace_linears(model, config, filter_fn, report, measure_error)
+        if report.layers_fallback:
+            log.warning("%s: %d layer(s) fell back to float (shape not supported)", config.name, report.layers_fallback)
+    report.total_weight_bytes = module_bytes(model)
+    report.float_bytes = report.total_weight_bytes - report.quantized_layers_bytes
+    log.info(
+        "precision %s: %d quantized, %d skipped, %d fallback, %.1f MiB of weights",
+        config.name,
+        report.layers_quantized,
+        report.layers_skipped,
+        report.layers_fallback,
+        report.total_weight_bytes / 2**20,
+    )
+    return report
+
+
+def _replace_linears(
+    model: nn.Module,
+    config: QuantConfig,
+    filter_fn: ModuleFilter | None,
+    report: QuantReport,
+    measure_error: bool,
+) -> None:
+    for name, module in list(model.named_modules()):
+        linear = _as_linear(module)
+        if linear is None or isinstance(module, QuantizedLinear):
+            continue
+        tied_head = _is_tied_head(model, name, module)
+        if (
+            (filter_fn is not None and not filter_fn(module, name))
+            or _matches(name, config.skip_modules)
+            or (tied_head and not config.quantize_lm_head)
+        ):
+            report.layers_skipped += 1
+            continue
+        new = config.quantize_linear(linear)
+        if new is None:
+            report.layers_fallback += 1
+            continue
+        if tied_head:
+            model.config.tie_word_embeddings = False  # the head is now its own (quantized) tensor
+        _set_submodule(model, name, new)
+        report.layers_quantized += 1
+        report.quantized_layers_bytes += module_bytes(new)
+        report.quantized_layers_fp32_bytes += linear.weight.numel() * 4 + (
+            linear.bias.numel() * 4 if linear.bias is not None else 0
+        )
+        kernel = getattr(new, "kernel", "reference")
+        report.kernels[kernel] = report.kernels.get(kernel, 0) + 1
+        if measure_error and hasattr(new, "dequantize_weight"):
+            report.layer_errors.append(_layer_error(name, linear.weight, new.dequantize_weight()))

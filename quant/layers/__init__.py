@@ -1,0 +1,1 @@
+"""Linear modules that run quantized weights (one per storage format)."""

@@ -1,0 +1,1 @@
+"""One file per precision mode; each registers itself with `quant.registry.register_mode`."""

@@ -1,0 +1,101 @@
+"""Shared fixtures: a tiny random Llama (no download) and the real default model."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from app.model_loader import LoadedModel, convert_gguf, embedded_gguf, load_model
+from app.settings import Settings, load_settings
+
+
+def _train_tiny_tokenizer(target: Path):
+    """A byte-level BPE trained in well under a second on text every Python ships."""
+    from pydoc_data.topics import topics
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(list(topics.values())[:200], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.chat_template = (
+        "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+        "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+    )
+    fast.save_pretrained(target)
+    return fast
+
+
+def build_tiny_llama(target: Path, **overrides) -> Path:
+    """Save a randomly initialised tiny Llama + tokenizer as an HF checkpoint directory."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = _train_tiny_tokenizer(target)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+        **overrides,
+    )
+    LlamaForCausalLM(config).save_pretrained(target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def cache_dir() -> Path:
+    """Where the default model's converted checkpoint is cached (kept between runs)."""
+    return Path(os.environ.get("QS_CACHE_DIR", Path.home() / ".cache" / "quantserve"))
+
+
+@pytest.fixture(scope="session")
+def default_checkpoint(cache_dir: Path) -> Path:
+    return convert_gguf(embedded_gguf(), cache_dir)
+
+
+@pytest.fixture(scope="session")
+def real_model(default_checkpoint: Path, cache_dir: Path) -> Callable[..., LoadedModel]:
+    """`real_model("int8")` loads the default model in a mode; each mode loads once per session."""
+    loaded: dict[tuple, LoadedModel] = {}
+
+    def get(precision: str, **settings) -> LoadedModel:
+        key = (precision, tuple(sorted(settings.items())))
+        if key not in loaded:
+            loaded[key] = load_model(real_settings(cache_dir, precision=precision, **settings))
+        return loaded[key]
+
+    return get
+
+
+def real_settings(cache_dir: Path, **overrides) -> Settings:
+    return load_settings(cache_dir=cache_dir, device="cpu", **overrides)
+
+
+def greedy_complete(loaded: LoadedModel, prompt: str, max_new_tokens: int = 12) -> str:
+    ids = loaded.tokenizer(prompt, return_tensors="pt").to(loaded.device)
+    with torch.inference_mode():
+        out = loaded.model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
+    return loaded.tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
