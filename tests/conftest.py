@@ -9,13 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.model_loader import LoadedModel, convert_gguf, embedded_gguf, load_model
+from app.model_loader import LoadedModel, load_model
 from app.settings import Settings, load_settings
+from quant.checkpoints import DEFAULT_CACHE_DIR, convert_gguf, embedded_gguf
 
 
 def _train_tiny_tokenizer(target: Path):
     """A byte-level BPE trained in well under a second on text every Python ships."""
     from pydoc_data.topics import topics
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -68,7 +70,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def cache_dir() -> Path:
     """Where the default model's converted checkpoint is cached (kept between runs)."""
-    return Path(os.environ.get("QS_CACHE_DIR", Path.home() / ".cache" / "quantserve"))
+    return Path(os.environ.get("QS_CACHE_DIR", DEFAULT_CACHE_DIR))
 
 
 @pytest.fixture(scope="session")

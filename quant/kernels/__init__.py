@@ -38,6 +38,19 @@ def int8_linear(x: torch.Tensor, w_int8: torch.Tensor, scale: torch.Tensor, bias
     return y if bias is None else y + bias.to(x.dtype)
 
 
+def int8_dynamic_linear(
+    x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """W8A8: x is quantized per token (row) to int8 at run time, then int8 · int8 with int32 accumulation."""
+    from quant.primitives import quantize_symmetric
+
+    x_q, x_scale = quantize_symmetric(x, bits=8)  # grouped view [..., 1, K], scale [..., 1, 1]
+    acc = torch.matmul(x_q.squeeze(-2).to(torch.int32), w_int8.t().to(torch.int32))
+    y = acc.to(torch.float32) * x_scale.squeeze(-1) * w_scale.float()
+    y = y.to(x.dtype)
+    return y if bias is None else y + bias.to(x.dtype)
+
+
 def int4_linear(
     x: torch.Tensor,
     packed: torch.Tensor,
