@@ -8,7 +8,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, Response
@@ -23,7 +23,11 @@ log = logging.getLogger("app")
 
 
 def create_app(settings: Settings | None = None, loader=None, *, exit_on_load_failure: bool = True) -> FastAPI:
-    """Build the app. Settings are read at start-up (lifespan) unless given."""
+    """Build the app. Settings are read at start-up (lifespan) unless given.
+
+    With `exit_on_load_failure`, a failed load stops the server: through
+    `app.state.stop_server` when the console script set it, else by SIGTERM.
+    """
 
     @asynccontextmanager
     async def lifespan(fastapi_app: FastAPI) -> AsyncIterator[None]:
@@ -35,7 +39,10 @@ def create_app(settings: Settings | None = None, loader=None, *, exit_on_load_fa
         service = ModelService(resolved, loader) if loader else ModelService(resolved)
         fastapi_app.state.service = service
         # Load in the background so /health can answer 503 while the model loads.
-        threading.Thread(target=_load, args=(service, exit_on_load_failure), name="model-loader", daemon=True).start()
+        stop = getattr(fastapi_app.state, "stop_server", None) or _terminate_self
+        threading.Thread(
+            target=_load, args=(service, stop if exit_on_load_failure else None), name="model-loader", daemon=True
+        ).start()
         yield
         service.shutdown()
 
@@ -71,11 +78,15 @@ def create_app(settings: Settings | None = None, loader=None, *, exit_on_load_fa
     return fastapi_app
 
 
-def _load(service: ModelService, exit_on_failure: bool) -> None:
+def _load(service: ModelService, stop_server: Callable[[], None] | None) -> None:
     service.load()
-    if service.state is State.FAILED and exit_on_failure:
-        # Ask the server to stop; `main` turns the failed state into a non-zero exit code.
-        os.kill(os.getpid(), signal.SIGTERM)
+    if service.state is State.FAILED and stop_server is not None:
+        stop_server()
+
+
+def _terminate_self() -> None:
+    # Under plain `uvicorn app.main:app` we hold no server handle; SIGTERM stops it (non-zero exit).
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 app = create_app()
@@ -92,7 +103,11 @@ def main() -> None:
     import uvicorn
 
     served = create_app(settings)
-    uvicorn.run(served, host=settings.host, port=settings.port, log_level=settings.log_level)
+    server = uvicorn.Server(
+        uvicorn.Config(served, host=settings.host, port=settings.port, log_level=settings.log_level)
+    )
+    served.state.stop_server = lambda: setattr(server, "should_exit", True)
+    server.run()
     service: ModelService | None = getattr(served.state, "service", None)
     if service is not None and service.state is State.FAILED:
         sys.exit(1)
