@@ -49,6 +49,20 @@ class GenerationError(ServiceError):
     error_type = "generation"
 
 
+class RequestTimeoutError(ServiceError):
+    """The generation ran past QS_REQUEST_TIMEOUT."""
+
+    status_code = 504
+    error_type = "timeout"
+
+
+class ClientDisconnectedError(ServiceError):
+    """The client went away before the answer; nobody reads this response (499, as nginx logs it)."""
+
+    status_code = 499
+    error_type = "client_closed"
+
+
 _HTTP_ERROR_TYPES = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
 
 

@@ -15,7 +15,7 @@ from fastapi import FastAPI, Request, Response
 
 import app as package
 from app.errors import error_response, install_error_handlers
-from app.routes import generate, health
+from app.routes import generate, health, openai
 from app.service import ModelService, State
 from app.settings import Settings, SettingsError, get_settings, load_settings
 
@@ -54,6 +54,7 @@ def create_app(settings: Settings | None = None, loader=None, *, exit_on_load_fa
     )
     install_error_handlers(fastapi_app)
     fastapi_app.include_router(generate.router)
+    fastapi_app.include_router(openai.router)
     fastapi_app.include_router(health.router)
 
     @fastapi_app.middleware("http")

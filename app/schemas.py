@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+MAX_SEED = 2**64 - 1  # torch.Generator takes 64-bit seeds
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Request bodies: unknown fields and wrong JSON types (`"5"` for 5, `0` for false) are 422s."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class GenerateParameters(StrictModel):
@@ -19,8 +24,8 @@ class GenerateParameters(StrictModel):
     top_p: float | None = Field(None, gt=0, le=1)
     repetition_penalty: float | None = Field(None, gt=0)
     do_sample: bool = False
-    seed: int | None = Field(None, ge=0)
-    stop: list[str] = Field(default_factory=list, max_length=16)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    stop: list[NonEmptyStr] = Field(default_factory=list, max_length=16)
     return_full_text: bool = False
     details: bool = False
 
@@ -29,13 +34,6 @@ class GenerateParameters(StrictModel):
     def _finite(cls, value: float | None) -> float | None:
         if value is not None and not math.isfinite(value):
             raise ValueError("must be a finite number")
-        return value
-
-    @field_validator("stop")
-    @classmethod
-    def _non_empty_stops(cls, value: list[str]) -> list[str]:
-        if any(not s for s in value):
-            raise ValueError("stop sequences must be non-empty")
         return value
 
 
@@ -52,11 +50,27 @@ class Details(BaseModel):
     finish_reason: FinishReason
     generated_tokens: int
     prompt_tokens: int
-    seed: int | None
+    seed: int | None = Field(None, description="the seed of a sampled generation (absent when greedy)")
 
 
 class GenerateResponse(BaseModel):
     generated_text: str
+    details: Details | None = None
+
+
+class StreamToken(BaseModel):
+    id: int
+    text: str
+    logprob: float
+    special: bool
+
+
+class StreamResponse(BaseModel):
+    """One Server-Sent Event of /generate_stream (TGI's shape); the last one carries the text and details."""
+
+    index: int
+    token: StreamToken
+    generated_text: str | None = None
     details: Details | None = None
 
 

@@ -27,6 +27,15 @@ class Settings(BaseSettings):
     max_input_tokens: int = Field(1024, ge=1, description="longest prompt accepted, in tokens")
     max_total_tokens: int = Field(2048, ge=2, description="prompt tokens + max_new_tokens, at most")
     max_concurrent_requests: int = Field(16, ge=1, description="generation requests in flight before 429")
+    max_batch_size: int = Field(8, ge=1, le=256, description="sequences decoded together (KV cache slots)")
+    max_queue: int | None = Field(
+        None,
+        ge=0,
+        description="requests waiting for a batch slot before 429; default: what QS_MAX_CONCURRENT_REQUESTS leaves",
+    )
+    request_timeout: float | None = Field(
+        None, gt=0, description="seconds a generation may take from arrival (queue included); unset: no limit"
+    )
     cache_dir: Path = Field(DEFAULT_CACHE_DIR, description="converted checkpoints live here")
     api_key: SecretStr | None = Field(
         None, description="when set, generation routes need `Authorization: Bearer <key>`"
@@ -72,6 +81,17 @@ class Settings(BaseSettings):
                 f"QS_MAX_INPUT_TOKENS ({self.max_input_tokens}) must be below QS_MAX_TOTAL_TOKENS ({self.max_total_tokens})"
             )
         return self
+
+    @property
+    def batch_slots(self) -> int:
+        """Sequences decoded together: never more than may be in flight."""
+        return min(self.max_batch_size, self.max_concurrent_requests)
+
+    @property
+    def queue_limit(self) -> int:
+        """Requests that may wait for a slot: QS_MAX_QUEUE, within what QS_MAX_CONCURRENT_REQUESTS leaves."""
+        left = self.max_concurrent_requests - self.batch_slots
+        return left if self.max_queue is None else min(self.max_queue, left)
 
     def quant_options(self, device: str) -> quant.QuantOptions:
         return quant.QuantOptions(

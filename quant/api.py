@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 
 ModuleFilter = Callable[[nn.Module, str], bool]
 
+_FALLBACK_EXAMPLES = 3
+
 
 @dataclass
 class LayerError:
@@ -40,6 +42,7 @@ class QuantReport:
     layers_quantized: int = 0
     layers_skipped: int = 0
     layers_fallback: int = 0
+    fallback_examples: list[str] = field(default_factory=list)  # the first few fallen-back layers
     kernels: dict[str, int] = field(default_factory=dict)
     layer_errors: list[LayerError] = field(default_factory=list)
 
@@ -86,7 +89,9 @@ def tensor_bytes(tensors: list[torch.Tensor]) -> int:
 
 
 def module_bytes(module: nn.Module) -> int:
-    return tensor_bytes([*module.parameters(), *module.buffers()])
+    """Bytes of the weights a module holds: parameters, buffers, and what quantized layers keep elsewhere."""
+    extra = [t for m in module.modules() if isinstance(m, QuantizedLinear) for t in m.extra_tensors()]
+    return tensor_bytes([*module.parameters(), *module.buffers(), *extra])
 
 
 def _matches(name: str, patterns: tuple[str, ...]) -> bool:
@@ -161,7 +166,12 @@ def quantize_(
         model.to(compute_dtype)
         _replace_linears(model, config, filter_fn, report, measure_error)
         if report.layers_fallback:
-            log.warning("%s: %d layer(s) fell back to float (shape not supported)", config.name, report.layers_fallback)
+            log.warning(
+                "%s: %d layer(s) fell back to float (shape not supported by the mode), e.g. %s",
+                config.name,
+                report.layers_fallback,
+                ", ".join(report.fallback_examples),
+            )
     report.total_weight_bytes = module_bytes(model)
     report.float_bytes = report.total_weight_bytes - report.quantized_layers_bytes
     log.info(
@@ -182,9 +192,13 @@ def _replace_linears(
     report: QuantReport,
     measure_error: bool,
 ) -> None:
+    quantized_prefixes: list[str] = []
     for name, module in list(model.named_modules()):
+        if isinstance(module, QuantizedLinear):
+            quantized_prefixes.append(name + ".")  # e.g. bitsandbytes' own Linear inside a wrapper
+            continue
         linear = _as_linear(module)
-        if linear is None or isinstance(module, QuantizedLinear):
+        if linear is None or name.startswith(tuple(quantized_prefixes)):
             continue
         tied_head = _is_tied_head(model, name, module)
         if (
@@ -197,7 +211,10 @@ def _replace_linears(
         new = config.quantize_linear(linear)
         if new is None:
             report.layers_fallback += 1
+            if len(report.fallback_examples) < _FALLBACK_EXAMPLES:
+                report.fallback_examples.append(name)
             continue
+        new.train(module.training)
         if tied_head:
             model.config.tie_word_embeddings = False  # the head is now its own (quantized) tensor
         _set_submodule(model, name, new)

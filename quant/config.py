@@ -6,7 +6,7 @@ CLI); each mode turns them into its own frozen config with `from_options`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, ClassVar
 
 if TYPE_CHECKING:
@@ -49,11 +49,8 @@ class QuantConfig:
 
     @classmethod
     def from_options(cls, options: QuantOptions) -> QuantConfig:
-        return cls(
-            quantize_lm_head=options.quantize_lm_head,
-            skip_modules=options.skip_modules,
-            device=options.device,
-        )
+        """Every config field named like a `QuantOptions` knob (e.g. `group_size`) takes the user's value."""
+        return cls(**{f.name: getattr(options, f.name) for f in fields(cls) if hasattr(options, f.name)})
 
     def check_available(self) -> None:
         """Raise ModeUnavailableError when this mode cannot run on `self.device`."""

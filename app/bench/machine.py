@@ -55,7 +55,13 @@ def _memory_bytes() -> int | None:
         return None
 
 
+def load_average() -> list[float]:
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else []
+
+
 def describe_machine() -> dict[str, Any]:
+    import transformers
+
     info = _cpuinfo()
     flags = set((info.get("flags") or info.get("Features") or "").split())
     data: dict[str, Any] = {
@@ -69,6 +75,9 @@ def describe_machine() -> dict[str, Any]:
         "os": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        # Other work on the machine skews timings; the load average tells the reader how busy it was.
+        "load_average": load_average(),
     }
     if torch.cuda.is_available():
         data["cuda_device"] = torch.cuda.get_device_name(0)

@@ -5,13 +5,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+PEER_MODE = "llama.cpp"  # the optional peer row's name and kind
+
 
 @dataclass
 class ModeResult:
     mode: str
     status: str = "ok"  # "ok" | "failed"
     error: str | None = None  # "<phase>: <reason>" when failed
-    kind: str = "quantserve"  # "quantserve" | "llama.cpp" (peer row)
+    kind: str = "quantserve"  # "quantserve" | PEER_MODE
 
     # what the mode is (from its QuantReport)
     backend: str | None = None
@@ -22,8 +24,7 @@ class ModeResult:
     layers_fallback: int | None = None
 
     # load and memory, measured in the mode's own worker process
-    load_seconds: float | None = None  # float checkpoint from disk
-    quantize_seconds: float | None = None
+    load_seconds: float | None = None  # read the float checkpoint and quantize it, as the service does
     weight_bytes: int | None = None
     fp32_weight_bytes: int | None = None  # the same model before quantization
     weight_ratio: float | None = None  # weight_bytes / fp32_weight_bytes
@@ -51,6 +52,9 @@ class ModeResult:
     top1_agreement: float | None = None
     perplexity_increase: float | None = None  # perplexity / reference perplexity - 1
 
+    # wall time of each phase (load, prefill, decode, quality in the worker; serve in the parent)
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+
     def fail(self, phase: str, reason: str) -> None:
         """Record the first failure; later phases keep what they measured."""
         self.status = "failed"
@@ -73,3 +77,8 @@ class ModeResult:
         result = cls(mode=data["mode"])
         result.update({k: v for k, v in data.items() if k != "mode"})
         return result
+
+
+def result_for(mode: str) -> ModeResult:
+    """An empty row of the right kind for a job named `mode`."""
+    return ModeResult(mode, kind=PEER_MODE if mode == PEER_MODE else "quantserve")

@@ -10,6 +10,7 @@ that start with `@@bench ` (JSON); everything else it prints is only logged.
 from __future__ import annotations
 
 import json
+import math
 import resource
 import sys
 import time
@@ -20,14 +21,14 @@ from typing import Any
 
 import torch
 
-from app.bench.results import ModeResult
+from app.bench.results import PEER_MODE, ModeResult, result_for
 
 PROTOCOL_PREFIX = "@@bench "
 
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    mode: str  # a precision mode, or "llama.cpp" for the peer row
+    mode: str  # a precision mode, or PEER_MODE
     model: str
     cache_dir: str
     device: str
@@ -36,7 +37,9 @@ class WorkerSpec:
     decode_tokens: int  # greedy decode steps, batch 1
     prefill_repeats: int  # best of N prefill runs (the machine is noisy)
     max_tokens: int  # quality token budget; 0 skips quality
-    reference_path: str  # fp32 predictions for the agreement score
+    context: int  # quality window and stride, as in `quant.eval`
+    stride: int
+    reference_path: str | None  # fp32 predictions for the agreement score
     is_reference: bool  # this job writes `reference_path` instead of reading it
     measure_speed: bool = True
 
@@ -52,6 +55,30 @@ def emit(event: str, **data: Any) -> None:
     print(PROTOCOL_PREFIX + json.dumps({"event": event, **data}), flush=True)
 
 
+class Phases:
+    """Announces each phase to the parent, remembers the current one (a failure names it) and times them."""
+
+    def __init__(self) -> None:
+        self.current = "start"
+        self.seconds: dict[str, float] = {}
+        self._started = time.perf_counter()
+
+    def enter(self, name: str) -> None:
+        self._close()
+        self.current = name
+        emit("phase", name=name)
+
+    def _close(self) -> None:
+        now = time.perf_counter()
+        if self.current != "start":
+            self.seconds[self.current] = now - self._started
+        self._started = now
+
+    def finish(self) -> dict[str, float]:
+        self._close()
+        return self.seconds
+
+
 def peak_rss_bytes() -> int:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB, macOS bytes
@@ -60,17 +87,17 @@ def peak_rss_bytes() -> int:
 def benchmark_text(spec: WorkerSpec) -> str:
     from quant import eval as quality
 
-    return quality.load_text(spec.text)
+    return quality.load_text(Path(spec.text) if spec.text else None)
 
 
-def prompt_ids(tokenizer: Any, text: str, length: int) -> list[int]:
-    """The first `length` tokens of `text` (repeated if the text is shorter)."""
-    ids = tokenizer(text[: length * 16])["input_ids"]  # ~4 chars a token; 16 leaves a wide margin
-    if not ids:
-        raise ValueError("the benchmark text has no tokens")
-    while len(ids) < length:
-        ids = ids + ids
-    return ids[:length]
+def first_tokens(tokenizer: Any, text: str, count: int) -> list[int]:
+    """The first `count` tokens of `text`, tokenized as the quality tool does."""
+    from quant import eval as quality
+
+    ids = quality.tokenize(tokenizer, text, count).tolist()
+    if len(ids) < count:
+        raise ValueError(f"the text has only {len(ids)} tokens; {count} are needed")
+    return ids
 
 
 def measure_prefill(runner: Any, ids: list[int], repeats: int) -> float:
@@ -100,18 +127,12 @@ def measure_decode(runner: Any, ids: list[int], steps: int) -> float:
     return elapsed
 
 
-def make_runner(loaded: Any) -> Any:
-    """The model runner the service's engine uses for this model."""
-    from app.engine.runner import HFRunner
-
-    return HFRunner(loaded.model, loaded.device)
-
-
-def run_mode(spec: WorkerSpec, result: ModeResult) -> None:
+def run_mode(spec: WorkerSpec, result: ModeResult, phases: Phases) -> None:
+    from app.engine.runner import make_runner
     from app.model_loader import load_model
     from app.settings import load_settings
 
-    emit("phase", name="load")
+    phases.enter("load")
     settings = load_settings(model=spec.model, precision=spec.mode, device=spec.device, cache_dir=spec.cache_dir)
     loaded = load_model(settings)
     report = loaded.report
@@ -129,30 +150,51 @@ def run_mode(spec: WorkerSpec, result: ModeResult) -> None:
     )
     text = benchmark_text(spec)
     if spec.measure_speed:
-        runner = make_runner(loaded)
-        warmup = prompt_ids(loaded.tokenizer, text, 8)
+        # the runner the service's engine uses, with the same cache slots and length
+        runner = make_runner(loaded.model, loaded.device, settings.batch_slots, settings.max_total_tokens)
+        warmup = first_tokens(loaded.tokenizer, text, 8)
         measure_decode(runner, warmup, 2)  # first calls pay one-off costs (allocations, lazy init)
-        emit("phase", name="prefill")
-        ids = prompt_ids(loaded.tokenizer, text, spec.prompt_tokens)
+        phases.enter("prefill")
+        ids = first_tokens(loaded.tokenizer, text, spec.prompt_tokens)
         seconds = measure_prefill(runner, ids, spec.prefill_repeats)
         result.update({"prefill_tokens": len(ids), "prefill_tok_s": len(ids) / seconds})
-        emit("phase", name="decode")
+        phases.enter("decode")
         seconds = measure_decode(runner, warmup, spec.decode_tokens)
         result.update({"decode_tokens": spec.decode_tokens, "decode_tok_s": spec.decode_tokens / seconds})
     result.peak_rss_bytes = peak_rss_bytes()
     if spec.max_tokens > 0:
-        emit("phase", name="quality")
+        phases.enter("quality")
         result.update(score_quality(spec, loaded.model, loaded.tokenizer, text))
 
 
 def score_quality(spec: WorkerSpec, model: Any, tokenizer: Any, text: str) -> dict[str, Any]:
-    raise NotImplementedError  # filled in once quant.eval lands
+    """Perplexity and top-1 agreement with the reference, by `quant.eval` on its windows of the text."""
+    from quant import eval as quality
+
+    ids = quality.tokenize(tokenizer, text, spec.max_tokens)
+    scores = quality.score(
+        model,
+        ids,
+        spec.context,
+        spec.stride,
+        on_window=lambda done, total: emit("progress", done=done, total=total),
+    )
+    reference_path = Path(spec.reference_path) if spec.reference_path else None
+    if spec.is_reference and reference_path is not None:
+        torch.save(scores.top1, reference_path)
+    reference = torch.load(reference_path) if reference_path and reference_path.exists() else None
+    return {
+        "quality_tokens": scores.count,
+        "perplexity": math.exp(scores.nll_sum / scores.count),
+        # None when the reference job failed: no agreement to report
+        "top1_agreement": None if reference is None else (scores.top1 == reference).float().mean().item(),
+    }
 
 
-def run_llama_cpp(spec: WorkerSpec, result: ModeResult) -> None:
+def run_llama_cpp(spec: WorkerSpec, result: ModeResult, phases: Phases) -> None:
     from app.bench.llamacpp import measure_llama_cpp
 
-    emit("phase", name="load")
+    phases.enter("load")
     text = benchmark_text(spec)
     result.update(measure_llama_cpp(spec.model, text, spec.prompt_tokens, spec.decode_tokens, spec.prefill_repeats))
     result.peak_rss_bytes = peak_rss_bytes()
@@ -161,15 +203,17 @@ def run_llama_cpp(spec: WorkerSpec, result: ModeResult) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     spec = WorkerSpec.from_json(args[0])
-    result = ModeResult(spec.mode, kind="llama.cpp" if spec.mode == "llama.cpp" else "quantserve")
+    result = result_for(spec.mode)
+    phases = Phases()
     try:
-        if result.kind == "llama.cpp":
-            run_llama_cpp(spec, result)
+        if result.kind == PEER_MODE:
+            run_llama_cpp(spec, result, phases)
         else:
-            run_mode(spec, result)
+            run_mode(spec, result, phases)
     except Exception as error:
         traceback.print_exc()
-        result.fail("worker", f"{type(error).__name__}: {error}".splitlines()[0])
+        result.fail(phases.current, f"{type(error).__name__}: {error}".splitlines()[0])
+    result.phase_seconds = phases.finish()
     emit("result", data=result.to_dict())
     return 0 if result.status == "ok" else 1
 

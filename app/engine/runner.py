@@ -6,10 +6,15 @@ scheduler can add and drop sequences between steps.
 
 from __future__ import annotations
 
+import logging
 from typing import Protocol
 
 import torch
 from torch import nn
+
+from app.engine.llama_runner import LlamaRunner, unsupported_reason
+
+log = logging.getLogger(__name__)
 
 
 class ModelRunner(Protocol):
@@ -66,3 +71,12 @@ class HFRunner:
     def release(self, slot: int) -> None:
         self._caches.pop(slot, None)
         self._lengths.pop(slot, None)
+
+
+def make_runner(model: nn.Module, device: torch.device, max_slots: int, max_len: int) -> ModelRunner:
+    """The lean runner for the Llama family; transformers' forward for any other model."""
+    reason = unsupported_reason(model, max_len)
+    if reason is None:
+        return LlamaRunner(model, device, max_slots, max_len)
+    log.info("lean runner not used (%s): running transformers' forward", reason)
+    return HFRunner(model, device)

@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+# Below this, dividing by the temperature overflows float32 logits; it means greedy anyway (as in vLLM).
+GREEDY_TEMPERATURE = 1e-5
+
 
 @dataclass
 class SamplingParams:
@@ -17,11 +20,12 @@ class SamplingParams:
     do_sample: bool = False
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False  # generate max_new_tokens whatever the model says (benchmarks)
 
     @property
     def sampling(self) -> bool:
         """As in TGI: any warper turns sampling on; temperature 0 means greedy."""
-        if self.temperature is not None and self.temperature == 0:
+        if self.temperature is not None and self.temperature < GREEDY_TEMPERATURE:
             return False
         warped = (
             (self.temperature is not None and self.temperature != 1.0)
@@ -69,9 +73,11 @@ def choose_token(
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.sampling:
         logits = warp(logits, params)
-        logprobs = torch.log_softmax(logits, dim=-1)
+    # An extreme penalty can push logits to +-inf, and inf - inf is NaN in the softmax.
+    logits = logits.clamp(-torch.finfo(logits.dtype).max, torch.finfo(logits.dtype).max)
+    logprobs = torch.log_softmax(logits, dim=-1)
+    if params.sampling:
         token = int(torch.multinomial(logprobs.exp(), 1, generator=generator).item())
     else:
-        logprobs = torch.log_softmax(logits, dim=-1)
         token = int(torch.argmax(logits).item())
     return token, float(logprobs[token].item())

@@ -1,18 +1,32 @@
-"""POST /generate: TGI-compatible text completion."""
+"""POST /generate and /generate_stream: TGI-compatible text completion."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
+from sse_starlette import EventSourceResponse
 
 from app.deps import ApiKey, Service
-from app.schemas import ErrorBody, GenerateRequest, GenerateResponse
+from app.routes.common import ERROR_RESPONSES, event_stream_doc, sse_response, until_disconnected
+from app.schemas import GenerateRequest, GenerateResponse, StreamResponse
 
 router = APIRouter(dependencies=[ApiKey], tags=["generation"])
 
-ERROR_RESPONSES = {code: {"model": ErrorBody} for code in (401, 422, 429, 500, 503)}
-
 
 @router.post("/generate", response_model=GenerateResponse, response_model_exclude_none=True, responses=ERROR_RESPONSES)
-async def generate(body: GenerateRequest, service: Service) -> GenerateResponse:
+async def generate(body: GenerateRequest, service: Service, request: Request) -> GenerateResponse:
     """Complete the raw text in `inputs` (no chat template)."""
-    return await service.generate(body)
+    return await until_disconnected(request, service.generate(body))
+
+
+@router.post(
+    "/generate_stream",
+    response_class=EventSourceResponse,
+    responses=event_stream_doc(
+        "One event per token; the last carries `generated_text` (and `details` when asked). "
+        "An error after the stream started comes as an event `{error, error_type}`.",
+        StreamResponse,
+    ),
+)
+async def generate_stream(body: GenerateRequest, service: Service) -> EventSourceResponse:
+    """Like /generate, streamed as Server-Sent Events in TGI's shape."""
+    return sse_response(service.generate_stream(body))

@@ -31,6 +31,10 @@ class QuantizedLinear(nn.Module):
     def dequantize_weight(self) -> torch.Tensor:
         raise NotImplementedError
 
+    def extra_tensors(self) -> list[torch.Tensor]:
+        """Tensors the layer stores outside its parameters and buffers (counted in weight bytes)."""
+        return []
+
     def _copy_bias(self, linear: nn.Linear) -> None:
         if linear.bias is not None:
             self.bias = linear.bias.detach().float().clone()

@@ -1,0 +1,133 @@
+"""`python -m app.bench` / `quantserve-bench`: compare precision modes on this machine, as a report with charts."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import quant
+from app.bench.machine import describe_machine, load_average
+from app.bench.report import render_table, write_report
+from app.bench.run import BenchOptions, BenchRun, available_modes, run_bench
+from quant.checkpoints import DEFAULT_CACHE_DIR, DEFAULT_MODEL
+
+DEFAULT_MAX_TOKENS = 4096
+
+
+def _split_modes(values: list[str] | None) -> list[str]:
+    """`--modes fp32 int8` and `--modes fp32,int8` both work."""
+    return [name for value in values or [] for name in value.split(",") if name]
+
+
+def _count(minimum: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}")
+        return value
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="quantserve-bench",
+        description="Measure every precision mode on this machine (load, memory, prefill, decode, serving under "
+        "concurrent load, quality against fp32) and write report.md, results.json and PNG charts.",
+    )
+    parser.add_argument("--model", default=os.environ.get("QS_MODEL", DEFAULT_MODEL), help="as QS_MODEL")
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        metavar="MODE",
+        help="modes to compare (default: every registered mode that can run on the device)",
+    )
+    parser.add_argument("--text", help="quality text file (default: the quality tool's default text)")
+    parser.add_argument(
+        "--max-tokens",
+        type=_count(0),
+        default=DEFAULT_MAX_TOKENS,
+        help="quality token budget per mode; 0 skips quality (default: %(default)s, so that every mode fits in "
+        "about 30 minutes on a 2-core CPU; `python -m quant.eval` defaults to 16384)",
+    )
+    parser.add_argument("--out", type=Path, default=Path("bench-report"), help="output directory")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--cache-dir", default=os.environ.get("QS_CACHE_DIR", str(DEFAULT_CACHE_DIR)))
+    parser.add_argument("--prompt-tokens", type=_count(1), default=512, help="prefill prompt length")
+    parser.add_argument("--decode-tokens", type=_count(1), default=128, help="greedy decode steps at batch 1")
+    parser.add_argument("--prefill-repeats", type=_count(1), default=2, help="prefill runs, best one kept")
+    parser.add_argument("--concurrency", type=_count(1), default=8, help="concurrent streams against the server")
+    parser.add_argument("--stream-tokens", type=_count(1), default=64, help="tokens each stream asks for")
+    parser.add_argument("--requests-per-client", type=_count(1), default=1, help="streamed requests per client")
+    parser.add_argument("--no-serve", action="store_true", help="skip the server phase")
+    parser.add_argument("--no-peer", action="store_true", help="skip the llama.cpp row")
+    parser.add_argument("--mode-timeout", type=float, default=1800.0, help="seconds before a mode's worker is killed")
+    return parser
+
+
+def exact_command() -> str:
+    """The command line as typed: `python -m app.bench ...` or the console script."""
+    argv = sys.orig_argv
+    if len(argv) > 2 and argv[1] == "-m":
+        return shlex.join(["python", *argv[1:]])
+    return shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from app.model_loader import resolve_device
+
+    try:
+        device = resolve_device(args.device).type
+    except RuntimeError as error:
+        parser.error(str(error))
+    requested = _split_modes(args.modes)
+    unknown = [name for name in requested if name not in quant.list_modes()]
+    if unknown:
+        parser.error(f"unknown mode(s) {', '.join(unknown)}; accepted: {', '.join(quant.list_modes())}")
+    ready, unavailable = available_modes(device)
+    modes = requested or ready
+
+    options = BenchOptions(
+        model=args.model,
+        modes=tuple(modes),
+        text=args.text,
+        max_tokens=args.max_tokens,
+        out=args.out,
+        device=device,
+        cache_dir=args.cache_dir,
+        prompt_tokens=args.prompt_tokens,
+        decode_tokens=args.decode_tokens,
+        prefill_repeats=args.prefill_repeats,
+        concurrency=args.concurrency,
+        stream_tokens=args.stream_tokens,
+        requests_per_client=args.requests_per_client,
+        serve=not args.no_serve,
+        peer=not args.no_peer,
+        mode_timeout=args.mode_timeout,
+    )
+    machine = describe_machine()
+    created = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    command = exact_command()
+    print(f"comparing {', '.join(modes)} on {device}; output in {args.out}", file=sys.stderr)
+    skipped = {} if requested else unavailable
+
+    def write(run: BenchRun) -> Path:
+        run.skipped.update(skipped)
+        machine["load_average_end"] = load_average()
+        return write_report(run, machine, command, created)
+
+    run = run_bench(options, on_row=write)  # a report after every mode: an interrupted run keeps its rows
+    path = write(run)
+    print(render_table(run.rows, options.concurrency))
+    print(f"report: {path}")
+    return 0 if all(row.status == "ok" for row in run.rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""float8 weight-only linear with one float32 scale per output channel (e4m3 or e5m2)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quant.layers.base import QuantizedLinear
+from quant.primitives import FP8_DTYPES, dequantize_fp8, quantize_fp8
+
+
+class Fp8WeightOnlyLinear(QuantizedLinear):
+    """Forward upcasts the float8 weight to the activation dtype and scales the output per channel.
+
+    float8 matmuls (torch._scaled_mm) need float8 activations too and exist only on
+    recent GPUs, so this weight-only layer runs the same upcast path everywhere.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, fmt: str = "e4m3") -> None:
+        super().__init__(in_features, out_features, bias)
+        self.fmt = fmt
+        self.register_buffer("weight_fp8", torch.zeros(out_features, in_features, dtype=FP8_DTYPES[fmt]))
+        self.register_buffer("scale", torch.ones(out_features))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, fmt: str = "e4m3") -> Fp8WeightOnlyLinear:
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, fmt)
+        q, scale = quantize_fp8(linear.weight.detach(), fmt)
+        layer.weight_fp8 = q.contiguous()
+        layer.scale = scale.squeeze(-1).contiguous()
+        layer._copy_bias(linear)
+        return layer.to(linear.weight.device)
+
+    def dequantize_weight(self) -> torch.Tensor:
+        return dequantize_fp8(self.weight_fp8, self.scale[:, None])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight_fp8.to(x.dtype)) * self.scale.to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, format={self.fmt}"

@@ -1,0 +1,138 @@
+"""The OpenAI-compatible routes, driven by the official `openai` client against a real server on loopback."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from fastapi import FastAPI
+
+from app.settings import load_settings
+from tests.app.live_server import serve_app, wait_idle
+
+PROMPT = "The capital of France is"
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, FastAPI]]:
+    settings = load_settings(
+        model=str(tiny_model_dir),
+        device="cpu",
+        cache_dir=tmp_path_factory.mktemp("cache"),
+        max_input_tokens=64,
+        max_total_tokens=128,
+        api_key="sk-test",
+    )
+    with serve_app(settings) as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server[0]}/v1", api_key="sk-test", max_retries=0, timeout=60)
+
+
+def tgi_greedy(server, inputs: str, max_new_tokens: int) -> str:
+    body = {"inputs": inputs, "parameters": {"max_new_tokens": max_new_tokens}}
+    response = httpx.post(f"{server[0]}/generate", json=body, headers={"Authorization": "Bearer sk-test"})
+    return response.json()["generated_text"]
+
+
+def test_models_lists_the_served_model(client, server):
+    models = client.models.list().data
+    assert [m.id for m in models] == [server[1].state.service.model_name]
+
+
+def test_completion_is_the_same_engine_as_generate(client, server):
+    completion = client.completions.create(model="any", prompt=PROMPT, max_tokens=8, temperature=0)
+    choice = completion.choices[0]
+    assert choice.text == tgi_greedy(server, PROMPT, 8)
+    assert choice.finish_reason == "length"
+    assert completion.usage.completion_tokens == 8
+    assert completion.model == server[1].state.service.model_name
+
+
+def test_streamed_completion_adds_up_to_the_whole(client):
+    whole = client.completions.create(model="m", prompt=PROMPT, max_tokens=10, temperature=0).choices[0].text
+    chunks = list(
+        client.completions.create(
+            model="m", prompt=PROMPT, max_tokens=10, temperature=0, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 10
+
+
+def test_several_prompts_give_one_choice_each(client, server):
+    prompts = [PROMPT, "Python is a"]
+    completion = client.completions.create(model="m", prompt=prompts, max_tokens=5, temperature=0, echo=True)
+    assert [c.index for c in completion.choices] == [0, 1]
+    for prompt, choice in zip(prompts, completion.choices, strict=True):
+        assert choice.text == prompt + tgi_greedy(server, prompt, 5)
+
+
+def test_chat_uses_the_chat_template(client, server):
+    tokenizer = server[1].state.service.loaded.tokenizer
+    template = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
+    chat = client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=6, temperature=0)
+    message = chat.choices[0].message
+    assert message.role == "assistant"
+    assert chat.usage.prompt_tokens == len(tokenizer(template, add_special_tokens=False)["input_ids"])
+    assert message.content == tgi_greedy(server, template, 6)
+
+
+def test_streamed_chat_matches_and_ends_with_done(client, server):
+    whole = client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=6, temperature=0)
+    chunks = list(
+        client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=6, temperature=0, stream=True)
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == "length"
+    # the raw stream ends with OpenAI's sentinel
+    with httpx.stream(
+        "POST",
+        f"{server[0]}/v1/chat/completions",
+        json={"messages": MESSAGES, "max_tokens": 2, "stream": True},
+        headers={"Authorization": "Bearer sk-test"},
+    ) as raw:
+        lines = [line for line in raw.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+
+
+def test_seed_gives_the_same_sample(client):
+    def sample(seed: int) -> str:
+        chat = client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=12, seed=seed)
+        return chat.choices[0].message.content
+
+    assert sample(3) == sample(3)
+    assert len({sample(3), sample(4), sample(5)}) > 1  # the default temperature 1 samples
+
+
+def test_stop_sequence_is_never_streamed(client):
+    whole = client.completions.create(model="m", prompt=PROMPT, max_tokens=12, temperature=0).choices[0].text
+    stop = whole[4:7]
+    cut = whole[: whole.index(stop)]
+    stopped = client.completions.create(model="m", prompt=PROMPT, max_tokens=12, temperature=0, stop=[stop])
+    assert stopped.choices[0].text == cut and stopped.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(model="m", prompt=PROMPT, max_tokens=12, temperature=0, stop=stop, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == cut
+
+
+def test_errors_raise_the_clients_exceptions(client, server):
+    with pytest.raises(openai.UnprocessableEntityError) as invalid:
+        client.chat.completions.create(model="m", messages=MESSAGES, n=2)
+    assert invalid.value.response.json()["error_type"] == "validation"
+    with pytest.raises(openai.UnprocessableEntityError):
+        client.completions.create(model="m", prompt=PROMPT, max_tokens=500)  # over QS_MAX_TOTAL_TOKENS
+    with pytest.raises(openai.UnprocessableEntityError):
+        client.completions.create(model="m", prompt=PROMPT, presence_penalty=1.0)
+    wrong_key = openai.OpenAI(base_url=f"{server[0]}/v1", api_key="nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        wrong_key.models.list()
+    assert wait_idle(server[1]) == (0, 0)
