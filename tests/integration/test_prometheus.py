@@ -119,6 +119,15 @@ def start_prometheus(stack: ExitStack, services: dict[str, str], workdir: Path) 
     stack.callback(stop_process, proc)
     url = f"http://127.0.0.1:{port}"
     wait_until(lambda: httpx.get(f"{url}/-/ready", timeout=2).status_code == 200, 60, "prometheus", proc, log)
+    # Ready is not scraping: its scrape manager applies new targets on a 5 s tick. A burst
+    # that ended before the first scrape would leave one sample per series, and no rate.
+    wait_until(
+        lambda: sum(float(r["value"][1]) for r in query(url, 'up{job="quantserve"}')) == len(targets),
+        60,
+        "prometheus' first scrape of every service",
+        proc,
+        log,
+    )
     return url
 
 
