@@ -26,7 +26,9 @@ log = logging.getLogger(__name__)
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = ("ops.cpp", "avx2.cpp", "avx512.cpp")
 HEADERS = ("qs_kernels.h", "qs_impl.h")
-CFLAGS = ("-O3",)
+# -fopenmp: at::parallel_for is inline; compiled without OpenMP it silently runs on one thread.
+CFLAGS = ("-O3", "-fopenmp")
+LDFLAGS = ("-fopenmp",)
 
 
 def cache_root() -> Path:
@@ -38,7 +40,7 @@ def build_key() -> str:
     for name in (*SOURCES, *HEADERS):
         digest.update(name.encode())
         digest.update((CSRC / name).read_bytes())
-    digest.update(" ".join((*CFLAGS, torch.__version__, platform.machine(), platform.system())).encode())
+    digest.update(" ".join((*CFLAGS, *LDFLAGS, torch.__version__, platform.machine(), platform.system())).encode())
     return digest.hexdigest()[:16]
 
 
@@ -67,6 +69,7 @@ def load_library() -> Path:
         name=name,
         sources=[str(CSRC / s) for s in SOURCES],
         extra_cflags=list(CFLAGS),
+        extra_ldflags=list(LDFLAGS),
         extra_include_paths=[str(CSRC)],
         build_directory=str(build_dir),
         is_python_module=False,
