@@ -65,8 +65,9 @@ def convert_gguf(gguf: Path, cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:
     return target
 
 
-def resolve_checkpoint(model: str, cache_dir: Path = DEFAULT_CACHE_DIR) -> tuple[str, str]:
+def resolve_checkpoint(model: str, cache_dir: Path | str = DEFAULT_CACHE_DIR) -> tuple[str, str]:
     """(what `from_pretrained` loads, the model id reported to users)."""
+    cache_dir = Path(cache_dir)
     if model == DEFAULT_MODEL:
         return str(convert_gguf(embedded_gguf(), cache_dir)), DEFAULT_MODEL_ID
     path = Path(model).expanduser()
@@ -75,7 +76,7 @@ def resolve_checkpoint(model: str, cache_dir: Path = DEFAULT_CACHE_DIR) -> tuple
     return model, model
 
 
-def load_float_model(model: str = DEFAULT_MODEL, cache_dir: Path = DEFAULT_CACHE_DIR, device: str = "cpu"):
+def load_float_model(model: str = DEFAULT_MODEL, cache_dir: Path | str = DEFAULT_CACHE_DIR, device: str = "cpu"):
     """(model in float32, tokenizer, model id), ready for `quantize_`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -27,6 +27,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -247,7 +248,7 @@ def decode_table(modes: list[str], new_tokens: int, repeats: int) -> None:
 
     print(f"\ndecode, default model, greedy, {new_tokens} new tokens (short prompt included), median of {repeats}")
     print(f"{'mode':>12} {'reference tok/s':>16} {'kernels tok/s':>14} {'speed-up':>8}  layers per kernel")
-    cache_dir = os.environ.get("QS_CACHE_DIR") or DEFAULT_CACHE_DIR
+    cache_dir = Path(os.environ.get("QS_CACHE_DIR") or DEFAULT_CACHE_DIR)
     for mode in modes:
         model, tokenizer, _ = load_float_model(cache_dir=cache_dir)
         report = quantize_(model, make_config(mode), measure_error=False)
