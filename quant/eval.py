@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from quant.api import quantize_
-from quant.checkpoints import DEFAULT_CACHE_DIR, DEFAULT_MODEL, load_float_model
+from quant.checkpoints import DEFAULT_CACHE_DIR, DEFAULT_MODEL, default_cache_dir, load_float_model
 from quant.config import ModeUnavailableError, QuantOptions
 from quant.registry import list_modes, make_config
 
@@ -239,7 +239,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quantize-lm-head", action="store_true")
     parser.add_argument("--skip-modules", default="", help="comma-separated module name patterns kept in float")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
+    parser.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="default: QS_CACHE_DIR")
     parser.add_argument("--json", type=Path, help="also write the results here")
     return parser.parse_args(argv)
 

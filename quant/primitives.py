@@ -14,6 +14,8 @@ Conventions
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 _EPS = 1e-12
@@ -235,10 +237,12 @@ def dequantize_nf4(codes: torch.Tensor, absmax: torch.Tensor, shape: torch.Size 
     return x if shape is None else x.reshape(shape)
 
 
+@functools.cache
 def _nf4_byte_table(device: torch.device) -> torch.Tensor:
-    """[256, 2]: the NF4 levels of a packed byte's low and high nibble."""
-    code = torch.tensor(NF4_CODE, device=device)
-    return torch.stack((code.repeat(16), code.repeat_interleave(16)), dim=-1)
+    """[256, 2]: the NF4 levels of a packed byte's low and high nibble (built once per device)."""
+    with torch.inference_mode(False):  # a normal tensor, usable inside and outside inference mode
+        code = torch.tensor(NF4_CODE, device=device)
+        return torch.stack((code.repeat(16), code.repeat_interleave(16)), dim=-1)
 
 
 def dequantize_nf4_packed(packed: torch.Tensor, absmax: torch.Tensor, block_size: int) -> torch.Tensor:

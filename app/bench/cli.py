@@ -13,7 +13,7 @@ import quant
 from app.bench.machine import describe_machine, load_average
 from app.bench.report import render_table, write_report
 from app.bench.run import BenchOptions, BenchRun, available_modes, run_bench
-from quant.checkpoints import DEFAULT_CACHE_DIR, DEFAULT_MODEL
+from quant.checkpoints import DEFAULT_MODEL, default_cache_dir
 
 DEFAULT_MAX_TOKENS = 4096
 
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", type=Path, default=Path("bench-report"), help="output directory")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--cache-dir", default=os.environ.get("QS_CACHE_DIR", str(DEFAULT_CACHE_DIR)))
+    parser.add_argument("--cache-dir", default=str(default_cache_dir()), help="default: QS_CACHE_DIR")
     parser.add_argument("--prompt-tokens", type=_count(1), default=512, help="prefill prompt length")
     parser.add_argument("--decode-tokens", type=_count(1), default=128, help="greedy decode steps at batch 1")
     parser.add_argument("--prefill-repeats", type=_count(1), default=2, help="prefill runs, best one kept")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import resource
 import sys
 import time
 import traceback
@@ -80,8 +79,9 @@ class Phases:
 
 
 def peak_rss_bytes() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB, macOS bytes
+    from app.metrics import process_memory
+
+    return process_memory().peak
 
 
 def benchmark_text(spec: WorkerSpec) -> str:

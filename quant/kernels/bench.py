@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -244,11 +242,11 @@ def decode_table(modes: list[str], new_tokens: int, repeats: int) -> None:
     other processes hits them alike.
     """
     from quant import make_config, quantize_
-    from quant.checkpoints import DEFAULT_CACHE_DIR, load_float_model
+    from quant.checkpoints import default_cache_dir, load_float_model
 
     print(f"\ndecode, default model, greedy, {new_tokens} new tokens (short prompt included), median of {repeats}")
     print(f"{'mode':>12} {'reference tok/s':>16} {'kernels tok/s':>14} {'speed-up':>8}  layers per kernel")
-    cache_dir = Path(os.environ.get("QS_CACHE_DIR") or DEFAULT_CACHE_DIR)
+    cache_dir = default_cache_dir()
     for mode in modes:
         model, tokenizer, _ = load_float_model(cache_dir=cache_dir)
         report = quantize_(model, make_config(mode), measure_error=False)

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import platform
 import time
 from pathlib import Path
 
 import torch
 
-from quant.checkpoints import DEFAULT_CACHE_DIR
+from quant.checkpoints import default_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +31,7 @@ LDFLAGS = ("-fopenmp",)
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("QS_CACHE_DIR") or DEFAULT_CACHE_DIR) / "kernels"
+    return default_cache_dir() / "kernels"
 
 
 def build_key() -> str:

@@ -52,7 +52,7 @@ class Int4WeightOnlyLinear(QuantizedLinear):
         layer.scales = scales.squeeze(-1).contiguous()
         layer.mins = mins.squeeze(-1).contiguous()
         layer._copy_bias(linear)
-        layer.kernel = int4_kernel_name()
+        layer.kernel = int4_kernel_name(group_size)
         return layer.to(linear.weight.device)
 
     def dequantize_weight(self) -> torch.Tensor:

@@ -8,7 +8,6 @@ Runners are instrumented by wrapping them (`StepRecorder`), never by changing th
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +21,7 @@ import torch
 import uvicorn
 from fastapi import FastAPI
 
+from app.bench.serving import free_port
 from app.engine.runner import ModelRunner
 from app.main import create_app
 from app.service import ModelService
@@ -55,12 +55,6 @@ class StepRecorder:
     def release(self, slot: int) -> None:
         self.calls.append(("release", [slot]))
         self.runner.release(slot)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_ready(base_url: str, timeout: float = 120.0, process: subprocess.Popen | None = None) -> None:

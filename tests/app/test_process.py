@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,6 +11,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from app.bench.serving import free_port
 
 
 def run_quantserve(env_overrides: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
@@ -39,12 +40,6 @@ def test_invalid_setting_exits_before_loading(env, variable, accepted):
     assert variable in lines[0] and accepted in lines[0]
     assert "Traceback" not in result.stderr
     assert time.perf_counter() - started < 30  # no model was loaded
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_console_script_serves_and_stops(tiny_model_dir: Path, tmp_path: Path):

@@ -188,12 +188,14 @@ def test_shapes_property(ops, m: int, k: int, n: int, groups: int, g: int, with_
     previous = ops.isa()
     x = torch.randn(m, k, generator=gen) * 10 ** torch.empty(1).uniform_(-3, 3, generator=gen)
     bias = torch.randn(n, generator=gen) if with_bias else None
-    for isa in ops.available_isas():
-        ops.set_isa(isa)
-        check_int8(x, *random_int8(n, k, gen), bias)
-        k4 = groups * g
-        check_int4(torch.randn(m, k4, generator=gen), *random_int4(n, k4, g, gen), g, bias)
-    ops.set_isa(previous)
+    try:
+        for isa in ops.available_isas():
+            ops.set_isa(isa)
+            check_int8(x, *random_int8(n, k, gen), bias)
+            k4 = groups * g
+            check_int4(torch.randn(m, k4, generator=gen), *random_int4(n, k4, g, gen), g, bias)
+    finally:
+        ops.set_isa(previous)
 
 
 def test_batched_and_strided_inputs(isa: str) -> None:
