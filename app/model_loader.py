@@ -13,6 +13,7 @@ from torch import nn
 import quant
 from app.settings import Settings
 from quant.checkpoints import load_float_model
+from quant.kernels import configure as configure_kernels
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ def resolve_device(choice: str) -> torch.device:
 def load_model(settings: Settings) -> LoadedModel:
     started = time.perf_counter()
     device = resolve_device(settings.device)
+    configure_kernels(kernels=settings.kernels, isa=settings.kernel_isa)
     config = quant.make_config(settings.precision, settings.quant_options(device.type))
     config.check_available()  # fail before spending time on loading
     model, tokenizer, model_id = load_float_model(settings.model, settings.cache_dir, device.type)

@@ -205,6 +205,15 @@ class ModelService:
             finish.first_token_seconds,
             finish.total_seconds,
         )
+        log.debug(
+            "generation finished (%s): %d prompt + %d new tokens, queued %.3f s, first token %.3f s, total %.3f s",
+            finish.finish_reason,
+            finish.prompt_tokens,
+            finish.generated_tokens,
+            finish.queue_seconds,
+            finish.first_token_seconds,
+            finish.total_seconds,
+        )
         return finish
 
     async def _result(self, stream: EventStream) -> Finish:
@@ -440,6 +449,15 @@ class ModelService:
                 "max_input_tokens": s.max_input_tokens,
                 "max_total_tokens": s.max_total_tokens,
                 "max_concurrent_requests": s.max_concurrent_requests,
+            },
+            "options": {  # the quantization and kernel knobs this process was started with
+                "group_size": s.group_size,
+                "outlier_threshold": s.outlier_threshold,
+                "fp8_format": s.fp8_format,
+                "quantize_lm_head": s.quantize_lm_head,
+                "skip_modules": list(s.skip_modules),
+                "kernels": s.kernels,
+                "kernel_isa": s.kernel_isa,
             },
             "scheduler": {
                 "max_batch_size": s.batch_slots,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -11,6 +12,14 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 import quant
 from quant.checkpoints import DEFAULT_CACHE_DIR, DEFAULT_MODEL
+from quant.config import FP8_FORMATS, GROUP_SIZES
+
+_MODULE_PATTERN = re.compile(r"[\w.*?\[\]]+")
+_HOST = re.compile(r"[0-9A-Za-z.:\-\[\]]+")  # IPv4, IPv6 or a DNS name; resolving is uvicorn's job
+
+
+def _one_of(values: tuple[object, ...]) -> str:
+    return ", ".join(str(v) for v in values[:-1]) + f" or {values[-1]}"
 
 
 class Settings(BaseSettings):
@@ -43,13 +52,36 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     # Quantization knobs, passed to the mode as `quant.QuantOptions`.
-    group_size: Literal[32, 64, 128] = Field(64, description="group size of the 4-bit modes")
+    # Plain types plus validators: the environment gives strings, which `Literal[32, ...]` would refuse.
+    group_size: int = Field(64, description=f"group size of the 4-bit modes: {_one_of(GROUP_SIZES)}")
     outlier_threshold: float = Field(6.0, gt=0, description="int8-mixed: activation magnitude kept in float")
-    fp8_format: Literal["e4m3", "e5m2"] = "e4m3"
+    fp8_format: str = Field("e4m3", description=f"fp8 storage format: {_one_of(FP8_FORMATS)}")
     quantize_lm_head: bool = False
     skip_modules: Annotated[tuple[str, ...], NoDecode] = Field(
         (), description="comma-separated module name patterns kept in float"
     )
+
+    # Read by `quant.kernels` (applied at load by `app.model_loader`); declared here so a bad value stops the start.
+    kernels: Literal["auto", "reference"] = Field(
+        "auto", description="`reference` forces the dequantize-then-matmul path"
+    )
+    kernel_isa: Literal["auto", "avx2", "avx512vnni"] = Field(
+        "auto", description="kernel variant; auto: the best the CPU runs"
+    )
+
+    @field_validator("group_size")
+    @classmethod
+    def _known_group_size(cls, value: int) -> int:
+        if value not in GROUP_SIZES:
+            raise ValueError(f"group size {value} not supported; accepted: {_one_of(GROUP_SIZES)}")
+        return value
+
+    @field_validator("fp8_format")
+    @classmethod
+    def _known_fp8_format(cls, value: str) -> str:
+        if value not in FP8_FORMATS:
+            raise ValueError(f"fp8 format {value!r} not supported; accepted: {_one_of(FP8_FORMATS)}")
+        return value
 
     @field_validator("precision")
     @classmethod
@@ -73,6 +105,36 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return tuple(p.strip() for p in value.split(",") if p.strip())
         return value
+
+    @field_validator("skip_modules")
+    @classmethod
+    def _patterns_are_module_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for pattern in value:
+            if not _MODULE_PATTERN.fullmatch(pattern):
+                raise ValueError(f"{pattern!r} is not a module name pattern (letters, digits, _ . * ? [ ])")
+        return value
+
+    @field_validator("host")
+    @classmethod
+    def _host_is_an_address(cls, value: str) -> str:
+        if not _HOST.fullmatch(value):
+            raise ValueError(f"{value!r} is not an IP address or host name")
+        return value
+
+    @field_validator("api_key")
+    @classmethod
+    def _api_key_is_usable(cls, value: SecretStr | None) -> SecretStr | None:
+        # An empty or spaced key could never be sent as `Bearer <key>`: refuse it rather than serve unguarded.
+        if value is not None and (not value.get_secret_value() or any(c.isspace() for c in value.get_secret_value())):
+            raise ValueError("must be a non-empty key without spaces (leave it unset for no key)")
+        return value
+
+    @field_validator("cache_dir")
+    @classmethod
+    def _cache_dir_is_a_directory(cls, value: Path) -> Path:
+        if value.expanduser().exists() and not value.expanduser().is_dir():
+            raise ValueError(f"{str(value)!r} exists and is not a directory")
+        return value.expanduser()
 
     @model_validator(mode="after")
     def _limits_consistent(self) -> Settings:
@@ -116,7 +178,7 @@ def describe_error(error: ValidationError) -> str:
         var = f"QS_{loc[0].upper()}" if loc else "settings"
         msg = item["msg"].removeprefix("Value error, ")
         ctx = item.get("ctx") or {}
-        if "expected" in ctx:
+        if "expected" in ctx and str(ctx["expected"]) not in msg:
             msg = f"{msg}; accepted: {ctx['expected']}"
         lines.append(f"invalid {var}: {msg}")
     return "; ".join(lines)

@@ -25,7 +25,11 @@ _FALLBACK_EXAMPLES = 3
 class LayerError:
     name: str
     relative_error: float  # ||W - Ŵ||_F / ||W||_F
-    sqnr_db: float  # 10 log10(||W||² / ||W - Ŵ||²)
+    sqnr_db: float | None  # 10 log10(||W||² / ||W - Ŵ||²); None when the layer is reproduced exactly
+
+    @property
+    def exact(self) -> bool:
+        return self.sqnr_db is None
 
 
 @dataclass
@@ -53,14 +57,20 @@ class QuantReport:
             return None
         return self.quantized_layers_bytes / self.quantized_layers_fp32_bytes
 
-    def error_summary(self) -> dict[str, float | str | None]:
+    def error_summary(self) -> dict[str, float | str | int | bool | None]:
+        """Mean and worst reconstruction error. JSON-safe: an exact layer has no finite SQNR, so
+        `mean_sqnr_db` averages the inexact layers only, `exact_layers` counts the others, and
+        `exact` is true (with SQNRs null) when every layer is reproduced exactly."""
         if not self.layer_errors:
             return {"mean_relative_error": None, "mean_sqnr_db": None, "worst_layer": None}
         worst = max(self.layer_errors, key=lambda e: e.relative_error)
+        inexact = [e.sqnr_db for e in self.layer_errors if e.sqnr_db is not None]
         n = len(self.layer_errors)
         return {
             "mean_relative_error": sum(e.relative_error for e in self.layer_errors) / n,
-            "mean_sqnr_db": sum(e.sqnr_db for e in self.layer_errors) / n,
+            "mean_sqnr_db": sum(inexact) / len(inexact) if inexact else None,
+            "exact_layers": n - len(inexact),
+            "exact": not inexact,
             "worst_layer": worst.name,
             "worst_relative_error": worst.relative_error,
             "worst_sqnr_db": worst.sqnr_db,
@@ -118,7 +128,7 @@ def _layer_error(name: str, weight: torch.Tensor, approx: torch.Tensor) -> Layer
     diff = (w - approx.float().to(w.device)).pow(2).sum().item()
     energy = w.pow(2).sum().item()
     rel = math.sqrt(diff / energy) if energy else 0.0
-    sqnr = 10 * math.log10(energy / diff) if diff else float("inf")
+    sqnr = 10 * math.log10(energy / diff) if diff else None  # JSON has no Infinity
     return LayerError(name, rel, sqnr)
 
 

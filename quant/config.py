@@ -14,6 +14,10 @@ if TYPE_CHECKING:
     from torch import nn
 
 
+GROUP_SIZES = (32, 64, 128)  # group sizes the 4-bit storage and kernels take
+FP8_FORMATS = ("e4m3", "e5m2")
+
+
 @dataclass(frozen=True)
 class QuantOptions:
     """Knobs a user may set; a mode reads the ones it understands and ignores the rest."""

@@ -29,7 +29,7 @@ from torch import nn
 
 from quant.api import quantize_
 from quant.checkpoints import DEFAULT_CACHE_DIR, DEFAULT_MODEL, default_cache_dir, load_float_model
-from quant.config import ModeUnavailableError, QuantOptions
+from quant.config import FP8_FORMATS, GROUP_SIZES, ModeUnavailableError, QuantOptions
 from quant.registry import list_modes, make_config
 
 REFERENCE_MODE = "fp32"
@@ -52,6 +52,7 @@ class ModeResult:
     layers_fallback: int
     kernels: dict[str, int]
     mean_sqnr_db: float | None
+    exact_layers: int
     perplexity: float
     agreement: float  # share of scored positions whose argmax matches fp32's
     tokens_scored: int
@@ -192,6 +193,7 @@ def evaluate(
             layers_fallback=report.layers_fallback,
             kernels=dict(report.kernels),
             mean_sqnr_db=report.error_summary()["mean_sqnr_db"],
+            exact_layers=int(report.error_summary().get("exact_layers") or 0),
             perplexity=math.exp(scores.nll_sum / scores.count),
             agreement=(scores.top1 == reference).float().mean().item(),
             tokens_scored=scores.count,
@@ -215,6 +217,8 @@ def format_table(results: list[ModeResult]) -> str:
         ratio = "-" if r.quantized_ratio is None else f"{r.quantized_ratio:.3f}"
         kernels = ", ".join(sorted(r.kernels)) or "-"
         sqnr = "-" if r.mean_sqnr_db is None else f"{r.mean_sqnr_db:.1f}"
+        if r.exact_layers:
+            sqnr = "exact" if r.mean_sqnr_db is None else f"{sqnr} (+{r.exact_layers} exact)"
         lines.append(
             f"| {r.mode} | {r.weight_bytes / 2**20:.1f} | {ratio} "
             f"| {r.layers_quantized}/{r.layers_skipped}/{r.layers_fallback} | {sqnr} "
@@ -233,9 +237,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=16384, help="token budget taken from the text")
     parser.add_argument("--context", type=int, default=1024, help="tokens per window")
     parser.add_argument("--stride", type=int, default=768, help="tokens between window starts (new tokens scored)")
-    parser.add_argument("--group-size", type=int, default=64, choices=(32, 64, 128))
+    parser.add_argument("--group-size", type=int, default=64, choices=GROUP_SIZES)
     parser.add_argument("--outlier-threshold", type=float, default=6.0)
-    parser.add_argument("--fp8-format", default="e4m3", choices=("e4m3", "e5m2"))
+    parser.add_argument("--fp8-format", default="e4m3", choices=FP8_FORMATS)
     parser.add_argument("--quantize-lm-head", action="store_true")
     parser.add_argument("--skip-modules", default="", help="comma-separated module name patterns kept in float")
     parser.add_argument("--device", default="cpu")

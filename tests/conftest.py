@@ -1,4 +1,8 @@
-"""Shared fixtures: a tiny random Llama (no download) and the real default model."""
+"""Shared fixtures: a tiny random Llama (no download) and the real default model.
+
+The suite never reads the developer's `QS_*` settings: they are dropped here, before any
+project module is imported (`tests/__init__.py`), and child processes get `tests.support.env.clean_env()`.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import torch
 from app.model_loader import LoadedModel, load_model
 from app.settings import Settings, load_settings
 from quant.checkpoints import DEFAULT_CACHE_DIR, convert_gguf, embedded_gguf
+from tests.support.env import leaked_settings
 
 
 def _train_tiny_tokenizer(target: Path):
@@ -60,6 +65,19 @@ def build_tiny_llama(target: Path, **overrides) -> Path:
     )
     LlamaForCausalLM(config).save_pretrained(target)
     return target
+
+
+@pytest.fixture(autouse=True)
+def _isolated_process_state(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts with no QS_* setting, cached settings or once-only kernel logs left by another."""
+    import quant.kernels as kernels
+    from app.settings import get_settings
+
+    for name in leaked_settings():
+        monkeypatch.delenv(name)
+    get_settings.cache_clear()
+    kernels._LOGGED.clear()
+    kernels.configure()
 
 
 @pytest.fixture(scope="session")

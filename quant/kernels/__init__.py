@@ -16,9 +16,9 @@ Backends
 Whenever a call takes the reference path while the kernels are enabled, the reason is logged
 once (per op and reason).
 
-Environment
-- QS_KERNELS=reference forces the reference path (no build); default "auto".
-- QS_KERNEL_ISA=avx2|avx512vnni picks the kernel variant (default: the best the CPU runs).
+Choice: `configure(kernels=..., isa=...)` (the service calls it from its settings before loading);
+until then the environment's QS_KERNELS (`reference` forces the reference path, no build) and
+QS_KERNEL_ISA (`avx2` or `avx512vnni`; default: the best the CPU runs) apply, for the CLIs.
 """
 
 from __future__ import annotations
@@ -50,6 +50,11 @@ class _Native:
         self.ops = None
         self.reason = ""
 
+    def reset(self) -> None:
+        with self._lock:
+            self._resolved = False
+            self.ops, self.reason = None, ""
+
     def get(self):
         if not self._resolved:
             with self._lock:
@@ -60,9 +65,8 @@ class _Native:
 
 
 def _load_native():
-    choice = os.environ.get("QS_KERNELS", "auto").strip().lower()
-    if choice == REFERENCE:
-        log.info("QS_KERNELS=reference: quantized linears use the reference path")
+    if _requested["kernels"] == REFERENCE:
+        log.info("kernels=reference: quantized linears use the reference path")
         return None, "QS_KERNELS=reference"
     try:
         from quant.kernels.build import load_library
@@ -76,8 +80,12 @@ def _load_native():
         log.warning("quantserve kernels unavailable, quantized linears use the reference path (%s)", reason)
         return None, reason
     _register_fakes()
-    requested = os.environ.get("QS_KERNEL_ISA", "auto")
-    if requested not in ("auto", "", ops.isa()):
+    requested = _requested["isa"]
+    if requested in ("auto", ""):
+        ops.set_isa("auto")
+    elif requested in ops.available_isas():
+        ops.set_isa(requested)
+    else:
         log.warning("QS_KERNEL_ISA=%s is not available on this CPU; using %s", requested, ops.isa())
     log.info("quantserve kernels loaded (isa %s)", ops.isa())
     return ops, ""
@@ -97,6 +105,19 @@ def _register_fakes() -> None:
 _NATIVE = _Native()
 _LOGGED: set[tuple[str, str]] = set()
 _forced_reference = False
+_requested = {
+    "kernels": os.environ.get("QS_KERNELS", "auto").strip().lower() or "auto",
+    "isa": os.environ.get("QS_KERNEL_ISA", "auto").strip().lower() or "auto",
+}
+
+
+def configure(kernels: str = "auto", isa: str = "auto") -> None:
+    """Choose the kernels (`auto` or `reference`) and ISA (`auto`, `avx2`, `avx512vnni`) for this process."""
+    if _requested == {"kernels": kernels, "isa": isa}:
+        return
+    _requested.update(kernels=kernels, isa=isa)
+    _NATIVE.reset()  # resolved again on the next call; the built library is only loaded once
+    _LOGGED.clear()
 
 
 def native_ops():

@@ -15,11 +15,9 @@ from typing import ClassVar
 
 from torch import nn
 
-from quant.config import QuantConfig
+from quant.config import GROUP_SIZES, QuantConfig
 from quant.layers.int4 import Int4WeightOnlyLinear, ZeroPointMethod
 from quant.registry import register_mode
-
-GROUP_SIZES = (32, 64, 128)
 
 
 @register_mode

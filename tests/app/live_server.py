@@ -7,7 +7,6 @@ Runners are instrumented by wrapping them (`StepRecorder`), never by changing th
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import threading
@@ -26,6 +25,7 @@ from app.engine.runner import ModelRunner
 from app.main import create_app
 from app.service import ModelService
 from app.settings import Settings
+from tests.support.env import clean_env
 
 
 class StepRecorder:
@@ -105,9 +105,7 @@ def record_steps(monkeypatch, step_seconds: float = 0.0) -> list[StepRecorder]:
 def serve_process(env: dict[str, str], log_path: Path) -> Iterator[tuple[str, subprocess.Popen]]:
     """Start `python -m app.main` (the console script's entry point) on a free loopback port."""
     port = free_port()
-    full_env = {**os.environ, "QS_HOST": "127.0.0.1", "QS_PORT": str(port), "QS_LOG_LEVEL": "warning", **env}
-    if "QS_API_KEY" not in env:  # the tests' clients send no key unless they mean to
-        full_env.pop("QS_API_KEY", None)
+    full_env = clean_env(**{"QS_HOST": "127.0.0.1", "QS_PORT": str(port), "QS_LOG_LEVEL": "warning", **env})
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "app.main"], env=full_env, stdout=log, stderr=subprocess.STDOUT

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -13,10 +12,11 @@ import httpx
 import pytest
 
 from app.bench.serving import free_port
+from tests.support.env import clean_env
 
 
 def run_quantserve(env_overrides: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
-    env = {**os.environ, **env_overrides}
+    env = clean_env(**env_overrides)
     return subprocess.run(
         [sys.executable, "-m", "app.main"], env=env, capture_output=True, text=True, timeout=timeout, check=False
     )
@@ -44,14 +44,13 @@ def test_invalid_setting_exits_before_loading(env, variable, accepted):
 
 def test_console_script_serves_and_stops(tiny_model_dir: Path, tmp_path: Path):
     port = free_port()
-    env = {
-        **os.environ,
-        "QS_MODEL": str(tiny_model_dir),
-        "QS_PRECISION": "int8",
-        "QS_HOST": "127.0.0.1",
-        "QS_PORT": str(port),
-        "QS_CACHE_DIR": str(tmp_path),
-    }
+    env = clean_env(
+        QS_MODEL=str(tiny_model_dir),
+        QS_PRECISION="int8",
+        QS_HOST="127.0.0.1",
+        QS_PORT=str(port),
+        QS_CACHE_DIR=str(tmp_path),
+    )
     proc = subprocess.Popen(
         [sys.executable, "-m", "app.main"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )

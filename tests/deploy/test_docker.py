@@ -28,6 +28,7 @@ from tests.deploy.sources import (
     healthcheck_argv,
     instructions,
 )
+from tests.support.env import clean_env
 
 HADOLINT = shutil.which("hadolint", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
 
@@ -152,11 +153,9 @@ def test_build_time_commands(default_checkpoint: Path, cache_dir: Path):
     assert "load_library()" in run
     result = subprocess.run(
         command_argv(run),
-        env={
-            **os.environ,
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-            "QS_CACHE_DIR": str(cache_dir),
-        },
+        env=clean_env(
+            PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", QS_CACHE_DIR=str(cache_dir)
+        ),
         capture_output=True,
         text=True,
         timeout=600,

@@ -31,6 +31,7 @@ from app.bench.serving import ServerSpec, free_port, running_server
 from app.bench.serving import _stop as stop_process
 from quant.checkpoints import DEFAULT_MODEL
 from tests.deploy.sources import healthcheck_argv
+from tests.support.env import clean_env
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "quantserve.json"
@@ -271,7 +272,7 @@ def test_dockerfile_healthcheck_command(stack: Stack):
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
 
     def healthcheck(port: str) -> subprocess.CompletedProcess:
-        env = {**os.environ, "PATH": path, "QS_PORT": port}
+        env = clean_env(PATH=path, QS_PORT=port)
         return subprocess.run(argv, env=env, capture_output=True, timeout=30, check=False)
 
     healthy = healthcheck(stack.services[MODES[0]].rsplit(":", 1)[1])
