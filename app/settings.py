@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 import quant
@@ -16,6 +16,9 @@ from quant.config import FP8_FORMATS, GROUP_SIZES
 
 _MODULE_PATTERN = re.compile(r"[\w.*?\[\]]+")
 _HOST = re.compile(r"[0-9A-Za-z.:\-\[\]]+")  # IPv4, IPv6 or a DNS name; resolving is uvicorn's job
+
+
+_SUPPORTED: dict[str, tuple[object, ...]] = {"group_size": GROUP_SIZES, "fp8_format": FP8_FORMATS}
 
 
 def _one_of(values: tuple[object, ...]) -> str:
@@ -69,18 +72,12 @@ class Settings(BaseSettings):
         "auto", description="kernel variant; auto: the best the CPU runs"
     )
 
-    @field_validator("group_size")
+    @field_validator("group_size", "fp8_format")
     @classmethod
-    def _known_group_size(cls, value: int) -> int:
-        if value not in GROUP_SIZES:
-            raise ValueError(f"group size {value} not supported; accepted: {_one_of(GROUP_SIZES)}")
-        return value
-
-    @field_validator("fp8_format")
-    @classmethod
-    def _known_fp8_format(cls, value: str) -> str:
-        if value not in FP8_FORMATS:
-            raise ValueError(f"fp8 format {value!r} not supported; accepted: {_one_of(FP8_FORMATS)}")
+    def _one_of_the_supported(cls, value: object, info: ValidationInfo) -> object:
+        supported = _SUPPORTED[info.field_name]
+        if value not in supported:
+            raise ValueError(f"{value!r} not supported; accepted: {_one_of(supported)}")
         return value
 
     @field_validator("precision")

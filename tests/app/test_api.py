@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
+import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from app.model_loader import load_model
+from tests.app.live_server import record_steps
 
 PROMPT = "The capital of France is"
 
@@ -24,6 +28,16 @@ def assert_error(response, status: int, error_type: str) -> dict:
     assert body["error_type"] == error_type
     assert "Traceback" not in body["error"]
     return body
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> bool:
+    """Poll until `condition()` holds; a generous bound, as the tests wait on a gate, not on timing."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def test_generate_returns_text_and_details(client):
@@ -127,14 +141,22 @@ def test_unknown_route_is_json_404(client):
     assert_error(client.get("/nope"), 404, "not_found")
 
 
-def test_too_many_in_flight_is_429(make_client):
-    with make_client(max_concurrent_requests=1) as client, ThreadPoolExecutor(6) as pool:
-        responses = list(pool.map(lambda _: generate(client, max_new_tokens=60), range(6)))
-    statuses = sorted(r.status_code for r in responses)
-    assert 200 in statuses and 429 in statuses, statuses
-    for response in responses:
-        if response.status_code == 429:
-            assert_error(response, 429, "overloaded")
+def test_too_many_in_flight_is_429(make_client, monkeypatch):
+    recorders = record_steps(monkeypatch)
+    with make_client(max_concurrent_requests=1) as client, ThreadPoolExecutor(2) as pool:
+        engine = client.app.state.service.engine
+        recorders[-1].gate.clear()  # hold decoding: the first request keeps the only place until released
+        try:
+            first = pool.submit(generate, client, max_new_tokens=5)
+            assert wait_for(lambda: engine.stats() == (1, 0)), engine.stats()
+            # answered while the first is held: a request let in would wait for the gate, and time out here
+            refused = pool.submit(generate, client, max_new_tokens=5).result(timeout=30)
+        finally:
+            recorders[-1].gate.set()
+        assert_error(refused, 429, "overloaded")
+        assert refused.headers["retry-after"] == "1"
+        assert first.result(timeout=60).status_code == 200
+        assert generate(client, max_new_tokens=1).status_code == 200  # the place is free again
 
 
 def test_api_key_guards_generation_only(make_client):
@@ -181,7 +203,15 @@ def test_failed_load_reports_503(make_client):
         assert "corrupt" in health.json()["detail"]
 
 
-def test_internal_error_is_json_500_without_trace(client, caplog):
+def assert_one_line_error_log(caplog, logger: str, *fragments: str) -> None:
+    records = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [r.name for r in records] == [logger], [r.getMessage() for r in records]
+    message = records[0].getMessage()
+    assert "\n" not in message and records[0].exc_info is None  # one line, no traceback
+    assert all(fragment in message for fragment in fragments), message
+
+
+def test_generation_failure_is_json_500_without_trace(client, caplog):
     model = client.app.state.service.loaded.model
 
     def explode(*args, **kwargs):
@@ -189,10 +219,39 @@ def test_internal_error_is_json_500_without_trace(client, caplog):
 
     model.get_input_embeddings().forward = explode
     response = generate(client, max_new_tokens=2)
-    assert response.status_code == 500
-    body = response.json()
-    assert set(body) == {"error", "error_type"}
+    body = assert_error(response, 500, "generation")
     assert "kernel exploded" not in body["error"] and "Traceback" not in response.text
+
+
+def test_unexpected_route_error_is_json_500_without_trace(client, monkeypatch, caplog):
+    # Not a ServiceError: it leaves the route and is caught by the `observe` middleware's except.
+    def explode(body):
+        raise RuntimeError("tokenizer exploded")
+
+    monkeypatch.setattr(client.app.state.service, "_open_tgi", explode)
+    with caplog.at_level(logging.ERROR):
+        response = generate(client, max_new_tokens=2)
+    body = assert_error(response, 500, "internal")
+    assert "tokenizer exploded" not in response.text
+    assert_one_line_error_log(caplog, "app", "POST /generate -> 500", "RuntimeError", "tokenizer exploded")
+    lines = client.get("/metrics").text.splitlines()
+    assert any('status="500"' in line and 'error_type="internal"' in line for line in lines)
+    assert body["error"] == "internal server error"
+
+
+def test_error_outside_the_middleware_try_is_json_500_from_the_catch_all(client, monkeypatch, caplog):
+    # Raised by the middleware itself after the response (its metrics call): only the app-wide
+    # Exception handler (app.errors) can answer.
+    def explode(*args, **kwargs):
+        raise RuntimeError("metrics exploded")
+
+    monkeypatch.setattr(client.app.state.service.metrics, "observe_request", explode)
+    with caplog.at_level(logging.ERROR):
+        response = generate(client, max_new_tokens=1)
+    body = assert_error(response, 500, "internal")
+    assert "metrics exploded" not in response.text
+    assert body["error"] == "internal server error"
+    assert_one_line_error_log(caplog, "app.errors", "POST /generate -> 500", "RuntimeError", "metrics exploded")
 
 
 def test_info_describes_the_loaded_model(client):

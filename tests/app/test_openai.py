@@ -42,18 +42,24 @@ def tgi_greedy(server, inputs: str, max_new_tokens: int) -> str:
     return response.json()["generated_text"]
 
 
-def test_models_lists_the_served_model(client, server):
+def served_id(tiny_model_dir: Path) -> str:
+    """The id a client sees: the last part of the QS_MODEL path it configured, e.g. "tiny-llama0"."""
+    assert tiny_model_dir.name.startswith("tiny-llama")  # the fixture's mktemp name
+    return tiny_model_dir.name
+
+
+def test_models_lists_the_served_model(client, tiny_model_dir):
     models = client.models.list().data
-    assert [m.id for m in models] == [server[1].state.service.model_name]
+    assert [m.id for m in models] == [served_id(tiny_model_dir)]
 
 
-def test_completion_is_the_same_engine_as_generate(client, server):
+def test_completion_is_the_same_engine_as_generate(client, server, tiny_model_dir):
     completion = client.completions.create(model="any", prompt=PROMPT, max_tokens=8, temperature=0)
     choice = completion.choices[0]
     assert choice.text == tgi_greedy(server, PROMPT, 8)
     assert choice.finish_reason == "length"
     assert completion.usage.completion_tokens == 8
-    assert completion.model == server[1].state.service.model_name
+    assert completion.model == served_id(tiny_model_dir)
 
 
 def test_streamed_completion_adds_up_to_the_whole(client):

@@ -1,11 +1,15 @@
-"""The per-token breakdown command on the tiny model (figures are not asserted, only their consistency)."""
+"""The per-token breakdown command on the tiny model: real timings for their order, fixed ones for the arithmetic."""
 
 from __future__ import annotations
 
 import pytest
+from torch import nn
 
 import quant
+from app.engine import profile
+from app.engine.llama_runner import LlamaRunner
 from app.engine.profile import linear_layers, profile_precision
+from app.engine.runner import ModelRunner
 from quant.checkpoints import load_float_model
 
 
@@ -18,7 +22,23 @@ def test_breakdown_rows(tiny_model_dir, tmp_path, precision):
     for row in rows.values():
         assert 0 < row["p10"] <= row["total"] <= row["p90"]
         assert row["linears"] > 0
-        assert row["rest"] == pytest.approx(row["total"] - row["linears"])
+
+
+def test_breakdown_figures_from_known_step_times(tiny_model_dir, tmp_path, monkeypatch):
+    # Each timer returns fixed per-step times, so medians, deciles and "rest" are known by hand.
+    def fake_decode(runner: ModelRunner, prompt: list[int], steps: int, clock) -> list[float]:
+        assert steps == 3
+        return [6.0, 8.0, 10.0] if isinstance(runner, LlamaRunner) else [10.0, 20.0, 30.0]
+
+    def fake_linears(linears: list[nn.Module], steps: int, dtype, device, clock) -> list[float]:
+        return [3.0, 5.0, 7.0]
+
+    monkeypatch.setattr(profile, "decode_step_ms", fake_decode)
+    monkeypatch.setattr(profile, "linears_step_ms", fake_linears)
+    rows = profile_precision("fp32", steps=3, repeats=3, prompt_tokens=8, model=str(tiny_model_dir), cache_dir=tmp_path)
+    # 3 repeats x [10, 20, 30]: median 20, first and last decile 10 and 30; linears' median is 5
+    assert rows["HFRunner"] == {"total": 20.0, "p10": 10.0, "p90": 30.0, "linears": 5.0, "rest": 15.0}
+    assert rows["LlamaRunner"] == {"total": 8.0, "p10": 6.0, "p90": 10.0, "linears": 5.0, "rest": 3.0}
 
 
 def test_linear_layers_include_quantized_projections_and_head(tiny_model_dir):

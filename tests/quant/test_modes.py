@@ -13,6 +13,7 @@ from torch import nn
 import quant
 from app.model_loader import LoadedModel
 from quant.layers.base import QuantizedLinear
+from tests import tiny_shapes as tiny
 from tests.conftest import greedy_complete
 
 ALL_MODES = quant.list_modes()
@@ -186,7 +187,18 @@ def test_skip_modules_keep_matching_layers_float(tiny_model_dir: Path) -> None:
     assert isinstance(layers[1].self_attn.q_proj, QuantizedLinear)
     # 2 layers x 7 linears + head: 2 down_proj + 4 attention of layer 0 + the tied head skipped
     assert (report.layers_quantized, report.layers_skipped) == (8, 7)
-    assert report.float_bytes + report.quantized_layers_bytes == report.total_weight_bytes
+    # bytes counted by hand from the shapes: what stays float, and the 8 int8 layers
+    attention = ("q_proj", "k_proj", "v_proj", "o_proj")
+    float_bytes = (
+        tiny.always_float_bytes()
+        + tiny.LAYERS * tiny.float_linear_bytes("down_proj")
+        + sum(tiny.float_linear_bytes(n) for n in attention)
+    )
+    quantized = [*attention, "gate_proj", "up_proj"]  # layer 1; layer 0 only gate_proj and up_proj
+    quantized_bytes = sum(tiny.int8_linear_bytes(n) for n in [*quantized, "gate_proj", "up_proj"])
+    assert report.float_bytes == float_bytes
+    assert report.quantized_layers_bytes == quantized_bytes
+    assert report.total_weight_bytes == float_bytes + quantized_bytes
 
 
 def test_shapes_the_kernel_cannot_take_fall_back_and_are_counted(
@@ -208,6 +220,7 @@ def test_shapes_the_kernel_cannot_take_fall_back_and_are_counted(
 def test_report_counts_bytes_and_errors(tiny_model_dir: Path) -> None:
     model = load_tiny(tiny_model_dir)
     fp32_bytes = quant.module_bytes(model)
+    assert fp32_bytes == tiny.fp32_model_bytes()  # the hand count from the shapes
     report = quant.quantize_(model, quant.make_config("int4"))
     summary = report.summary()
     assert report.total_weight_bytes == quant.module_bytes(model) < fp32_bytes
