@@ -64,7 +64,7 @@ class QuantReport:
         if not self.layer_errors:
             return {"mean_relative_error": None, "mean_sqnr_db": None, "worst_layer": None}
         worst = max(self.layer_errors, key=lambda e: e.relative_error)
-        inexact = [e.sqnr_db for e in self.layer_errors if e.sqnr_db is not None]
+        inexact = [e.sqnr_db for e in self.layer_errors if not e.exact]
         n = len(self.layer_errors)
         return {
             "mean_relative_error": sum(e.relative_error for e in self.layer_errors) / n,

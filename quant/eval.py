@@ -184,6 +184,7 @@ def evaluate(
         if reference is None:
             reference = scores.top1
         forwarded = sum(w.end - w.begin for w in sliding_windows(len(ids), context, stride))
+        errors = report.error_summary()
         yield ModeResult(
             mode=config.name,
             weight_bytes=report.total_weight_bytes,
@@ -192,8 +193,8 @@ def evaluate(
             layers_skipped=report.layers_skipped,
             layers_fallback=report.layers_fallback,
             kernels=dict(report.kernels),
-            mean_sqnr_db=report.error_summary()["mean_sqnr_db"],
-            exact_layers=int(report.error_summary().get("exact_layers") or 0),
+            mean_sqnr_db=errors["mean_sqnr_db"],
+            exact_layers=int(errors.get("exact_layers") or 0),
             perplexity=math.exp(scores.nll_sum / scores.count),
             agreement=(scores.top1 == reference).float().mean().item(),
             tokens_scored=scores.count,
