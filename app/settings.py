@@ -5,27 +5,22 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, create_model, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 import quant
 from quant.checkpoints import DEFAULT_CACHE_DIR, DEFAULT_MODEL
-from quant.config import FP8_FORMATS, GROUP_SIZES
+from quant.config import QuantOptions, check_knob, split_patterns
 
-_MODULE_PATTERN = re.compile(r"[\w.*?\[\]]+")
 _HOST = re.compile(r"[0-9A-Za-z.:\-\[\]]+")  # IPv4, IPv6 or a DNS name; resolving is uvicorn's job
+_LIST_KNOBS = tuple(name for name, kind in QuantOptions.knob_types().items() if kind == tuple[str, ...])
 
 
-_SUPPORTED: dict[str, tuple[object, ...]] = {"group_size": GROUP_SIZES, "fp8_format": FP8_FORMATS}
+class _ServiceSettings(BaseSettings):
+    """What the service reads from QS_* besides the quantization knobs (added below, from `QuantOptions`)."""
 
-
-def _one_of(values: tuple[object, ...]) -> str:
-    return ", ".join(str(v) for v in values[:-1]) + f" or {values[-1]}"
-
-
-class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="QS_", extra="ignore")
 
     model: str = Field(
@@ -54,16 +49,6 @@ class Settings(BaseSettings):
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
-    # Quantization knobs, passed to the mode as `quant.QuantOptions`.
-    # Plain types plus validators: the environment gives strings, which `Literal[32, ...]` would refuse.
-    group_size: int = Field(64, description=f"group size of the 4-bit modes: {_one_of(GROUP_SIZES)}")
-    outlier_threshold: float = Field(6.0, gt=0, description="int8-mixed: activation magnitude kept in float")
-    fp8_format: str = Field("e4m3", description=f"fp8 storage format: {_one_of(FP8_FORMATS)}")
-    quantize_lm_head: bool = False
-    skip_modules: Annotated[tuple[str, ...], NoDecode] = Field(
-        (), description="comma-separated module name patterns kept in float"
-    )
-
     # Read by `quant.kernels` (applied at load by `app.model_loader`); declared here so a bad value stops the start.
     kernels: Literal["auto", "reference"] = Field(
         "auto", description="`reference` forces the dequantize-then-matmul path"
@@ -72,12 +57,10 @@ class Settings(BaseSettings):
         "auto", description="kernel variant; auto: the best the CPU runs"
     )
 
-    @field_validator("group_size", "fp8_format")
+    @field_validator(*QuantOptions.knob_names(), check_fields=False)
     @classmethod
-    def _one_of_the_supported(cls, value: object, info: ValidationInfo) -> object:
-        supported = _SUPPORTED[info.field_name]
-        if value not in supported:
-            raise ValueError(f"{value!r} not supported; accepted: {_one_of(supported)}")
+    def _valid_knob(cls, value: object, info: ValidationInfo) -> object:
+        check_knob(info.field_name, value)
         return value
 
     @field_validator("precision")
@@ -96,20 +79,10 @@ class Settings(BaseSettings):
             raise ValueError(f"model path {value!r} does not exist; give a local directory, a .gguf file or a hub id")
         return value
 
-    @field_validator("skip_modules", mode="before")
+    @field_validator(*_LIST_KNOBS, mode="before", check_fields=False)
     @classmethod
     def _split_patterns(cls, value: object) -> object:
-        if isinstance(value, str):
-            return tuple(p.strip() for p in value.split(",") if p.strip())
-        return value
-
-    @field_validator("skip_modules")
-    @classmethod
-    def _patterns_are_module_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for pattern in value:
-            if not _MODULE_PATTERN.fullmatch(pattern):
-                raise ValueError(f"{pattern!r} is not a module name pattern (letters, digits, _ . * ? [ ])")
-        return value
+        return split_patterns(value) if isinstance(value, str) else value
 
     @field_validator("host")
     @classmethod
@@ -134,7 +107,7 @@ class Settings(BaseSettings):
         return value.expanduser()
 
     @model_validator(mode="after")
-    def _limits_consistent(self) -> Settings:
+    def _limits_consistent(self) -> _ServiceSettings:
         if self.max_input_tokens >= self.max_total_tokens:
             raise ValueError(
                 f"QS_MAX_INPUT_TOKENS ({self.max_input_tokens}) must be below QS_MAX_TOTAL_TOKENS ({self.max_total_tokens})"
@@ -152,15 +125,28 @@ class Settings(BaseSettings):
         left = self.max_concurrent_requests - self.batch_slots
         return left if self.max_queue is None else min(self.max_queue, left)
 
-    def quant_options(self, device: str) -> quant.QuantOptions:
-        return quant.QuantOptions(
-            group_size=self.group_size,
-            outlier_threshold=self.outlier_threshold,
-            fp8_format=self.fp8_format,
-            quantize_lm_head=self.quantize_lm_head,
-            skip_modules=self.skip_modules,
-            device=device,
+    def quant_options(self, device: str) -> QuantOptions:
+        return QuantOptions(**self.knob_values(), device=device)
+
+    def knob_values(self) -> dict[str, object]:
+        """The quantization knobs this process was started with, by name."""
+        return {name: getattr(self, name) for name in QuantOptions.knob_names()}
+
+
+def _knob_fields() -> dict[str, Any]:
+    """One QS_<NAME> field per `QuantOptions` knob, with its type, default and help from there."""
+    definitions: dict[str, Any] = {}
+    for name, kind in QuantOptions.knob_types().items():
+        annotation = Annotated[kind, NoDecode] if name in _LIST_KNOBS else kind  # comma-separated, not JSON
+        definitions[name] = (
+            annotation,
+            Field(QuantOptions.knobs()[name].default, description=QuantOptions.help_text(name)),
         )
+    return definitions
+
+
+# The service's own settings plus the quantization knobs, which are declared once, in `QuantOptions`.
+Settings = create_model("Settings", __base__=_ServiceSettings, __module__=__name__, **_knob_fields())
 
 
 class SettingsError(ValueError):

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from quant.config import QuantConfig
+from quant.kernels import REFERENCE
 from quant.layers.base import QuantizedLinear
 
 log = logging.getLogger(__name__)
@@ -141,6 +142,13 @@ def _is_tied_head(model: nn.Module, name: str, module: nn.Module) -> bool:
     return emb is not None and emb.weight.data_ptr() == module.weight.data_ptr()
 
 
+def _kernel_name(layer: nn.Module) -> str:
+    """The name of the kernel object `layer` holds, which is the one its forward calls."""
+    if isinstance(layer, QuantizedLinear):
+        return layer.linear_kernel.name
+    return REFERENCE  # a mode's own module outside the QuantizedLinear family: plain torch
+
+
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -233,7 +241,7 @@ def _replace_linears(
         report.quantized_layers_fp32_bytes += linear.weight.numel() * 4 + (
             linear.bias.numel() * 4 if linear.bias is not None else 0
         )
-        kernel = getattr(new, "kernel", "reference")
+        kernel = _kernel_name(new)
         report.kernels[kernel] = report.kernels.get(kernel, 0) + 1
         if measure_error and hasattr(new, "dequantize_weight"):
             report.layer_errors.append(_layer_error(name, linear.weight, new.dequantize_weight()))

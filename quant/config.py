@@ -6,8 +6,10 @@ CLI); each mode turns them into its own frozen config with `from_options`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, ClassVar
+import argparse
+import re
+from dataclasses import Field, dataclass, field, fields
+from typing import TYPE_CHECKING, Any, ClassVar, get_type_hints
 
 if TYPE_CHECKING:
     import torch
@@ -16,18 +18,98 @@ if TYPE_CHECKING:
 
 GROUP_SIZES = (32, 64, 128)  # group sizes the 4-bit storage and kernels take
 FP8_FORMATS = ("e4m3", "e5m2")
+_MODULE_PATTERN = re.compile(r"[\w.*?\[\]]+")  # a module name, or an fnmatch pattern of names
+
+
+def one_of(values: tuple[object, ...]) -> str:
+    """`a, b or c`, for messages and help texts."""
+    return ", ".join(str(v) for v in values[:-1]) + f" or {values[-1]}"
+
+
+def knob(default: Any, help: str, *, choices: tuple[object, ...] = (), positive: bool = False) -> Any:
+    """Declare a user-settable quantization knob: its default, help and allowed values, once.
+
+    The service settings (QS_<NAME>), the CLIs (--name) and the modes' config fields all derive from it.
+    """
+    return field(default=default, metadata={"help": help, "choices": choices, "positive": positive})
 
 
 @dataclass(frozen=True)
 class QuantOptions:
-    """Knobs a user may set; a mode reads the ones it understands and ignores the rest."""
+    """The knobs a user may set. A mode reads those its config has a field for (see `QuantConfig`)."""
 
-    group_size: int = 64
-    outlier_threshold: float = 6.0
-    fp8_format: str = "e4m3"
-    quantize_lm_head: bool = False
-    skip_modules: tuple[str, ...] = ()
-    device: str = "cpu"
+    group_size: int = knob(64, "group size of the 4-bit modes", choices=GROUP_SIZES)
+    outlier_threshold: float = knob(6.0, "int8-mixed: activation magnitude kept in float", positive=True)
+    fp8_format: str = knob("e4m3", "fp8 storage format", choices=FP8_FORMATS)
+    quantize_lm_head: bool = knob(False, "quantize the output head too (it is kept in float otherwise)")
+    skip_modules: tuple[str, ...] = knob((), "module name patterns (fnmatch) kept in float")
+    device: str = "cpu"  # where the model runs: resolved by the caller, not a knob
+
+    def __post_init__(self) -> None:
+        for name in self.knob_names():
+            check_knob(name, getattr(self, name))
+
+    @classmethod
+    def knobs(cls) -> dict[str, Field[Any]]:
+        """The knobs' dataclass fields by name; their types are in `knob_types()`."""
+        return {f.name: f for f in fields(cls) if "help" in f.metadata}
+
+    @classmethod
+    def knob_names(cls) -> tuple[str, ...]:
+        return tuple(cls.knobs())
+
+    @classmethod
+    def knob_types(cls) -> dict[str, Any]:
+        hints = get_type_hints(cls)
+        return {name: hints[name] for name in cls.knobs()}
+
+    @classmethod
+    def help_text(cls, name: str) -> str:
+        meta = cls.knobs()[name].metadata
+        return meta["help"] + (f": {one_of(meta['choices'])}" if meta["choices"] else "")
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """One `--knob-name` option per knob, for the CLIs."""
+        for name, kind in cls.knob_types().items():
+            flag, default = "--" + name.replace("_", "-"), cls.knobs()[name].default
+            if kind is bool:
+                parser.add_argument(flag, action="store_true", help=cls.help_text(name))
+            elif kind == tuple[str, ...]:
+                parser.add_argument(
+                    flag, type=split_patterns, default=default, help=f"{cls.help_text(name)}, comma-separated"
+                )
+            else:
+                parser.add_argument(flag, type=kind, default=default, help=f"{cls.help_text(name)} (default {default})")
+
+    @classmethod
+    def from_arguments(cls, args: argparse.Namespace, device: str = "cpu") -> QuantOptions:
+        """The options a CLI's parsed `add_arguments` options give; raises ValueError on a bad value."""
+        return cls(**{name: getattr(args, name) for name in cls.knob_names()}, device=device)
+
+
+def knob_default(name: str) -> Any:
+    """A mode's field for knob `name` starts from the knob's own default: `group_size: int = knob_default("group_size")`."""
+    return QuantOptions.knobs()[name].default
+
+
+def check_knob(name: str, value: object) -> None:
+    """Raise ValueError (naming the knob and what it accepts) unless `value` is allowed for knob `name`."""
+    meta = QuantOptions.knobs()[name].metadata
+    label = name.replace("_", " ")
+    if meta["choices"] and value not in meta["choices"]:
+        raise ValueError(f"{label} must be one of {one_of(meta['choices'])}, got {value!r}")
+    if meta["positive"] and not (isinstance(value, int | float) and value > 0):
+        raise ValueError(f"{label} must be greater than 0, got {value!r}")
+    if name == "skip_modules":
+        for pattern in value:  # type: ignore[attr-defined]
+            if not _MODULE_PATTERN.fullmatch(pattern):
+                raise ValueError(f"{pattern!r} is not a module name pattern (letters, digits, _ . * ? [ ])")
+
+
+def split_patterns(value: str) -> tuple[str, ...]:
+    """`"a, b.*,"` -> ("a", "b.*"): the comma-separated form of a list knob (environment, CLI)."""
+    return tuple(p.strip() for p in value.split(",") if p.strip())
 
 
 class ModeUnavailableError(RuntimeError):
@@ -46,15 +128,35 @@ class QuantConfig:
     description: ClassVar[str]
     bits: ClassVar[float]
     backend: ClassVar[str] = "torch"
+    quantizes_activations: ClassVar[bool] = False  # inputs are quantized at run time too (W8A8), not weights only
 
     quantize_lm_head: bool = False
     skip_modules: tuple[str, ...] = field(default=())
     device: str = "cpu"
 
+    def __post_init__(self) -> None:
+        for name in self.knobs_read():
+            check_knob(name, getattr(self, name))
+
+    @classmethod
+    def knobs_read(cls) -> tuple[str, ...]:
+        """The knobs this mode reads: its fields named like a `QuantOptions` knob (the base ones included)."""
+        return tuple(f.name for f in fields(cls) if f.name in QuantOptions.knobs())
+
+    @classmethod
+    def check_fields(cls) -> None:
+        """Fail loudly (at registration) on a config field that names no knob: a typo would never be set."""
+        unknown = [f.name for f in fields(cls) if f.name != "device" and f.name not in QuantOptions.knobs()]
+        if unknown:
+            raise TypeError(
+                f"{cls.__name__}: field(s) {', '.join(unknown)} name no QuantOptions knob "
+                f"({', '.join(QuantOptions.knob_names())}); fixed parameters are ClassVars"
+            )
+
     @classmethod
     def from_options(cls, options: QuantOptions) -> QuantConfig:
         """Every config field named like a `QuantOptions` knob (e.g. `group_size`) takes the user's value."""
-        return cls(**{f.name: getattr(options, f.name) for f in fields(cls) if hasattr(options, f.name)})
+        return cls(**{f.name: getattr(options, f.name) for f in fields(cls)})
 
     def check_available(self) -> None:
         """Raise ModeUnavailableError when this mode cannot run on `self.device`."""

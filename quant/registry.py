@@ -8,10 +8,12 @@ import pkgutil
 from quant.config import QuantConfig, QuantOptions
 
 _MODES: dict[str, type[QuantConfig]] = {}
+REFERENCE_MODE = "fp32"  # the mode every other is compared with: quality, weight ratios
 
 
 def register_mode(config_cls: type[QuantConfig]) -> type[QuantConfig]:
     """Class decorator: make `config_cls` selectable by its `name`."""
+    config_cls.check_fields()
     name = config_cls.name
     if name in _MODES and _MODES[name] is not config_cls:
         raise ValueError(f"precision mode {name!r} registered twice")

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -77,6 +78,28 @@ def unsupported_reason(model: nn.Module, max_len: int) -> str | None:
     return None
 
 
+class DecoderLayer(NamedTuple):
+    """What the runner calls in one decoder layer: the model's own projections and norm weights."""
+
+    q_proj: nn.Module
+    k_proj: nn.Module
+    v_proj: nn.Module
+    o_proj: nn.Module
+    gate_proj: nn.Module
+    up_proj: nn.Module
+    down_proj: nn.Module
+    attn_norm: torch.Tensor  # input_layernorm.weight
+    mlp_norm: torch.Tensor  # post_attention_layernorm.weight
+
+    @classmethod
+    def of(cls, layer: nn.Module) -> DecoderLayer:
+        return cls(
+            **{name.rsplit(".", 1)[1]: layer.get_submodule(name) for name in (*_PROJECTIONS, *_MLP)},
+            attn_norm=layer.input_layernorm.weight,
+            mlp_norm=layer.post_attention_layernorm.weight,
+        )
+
+
 class _AllThreads:
     """Inside: the projections run on all intra-op threads; outside, the step's small ops run on one."""
 
@@ -111,14 +134,7 @@ class LlamaRunner:
         self.kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.dtype = self.final_norm.dtype
-        self.layers = [
-            (
-                *(layer.get_submodule(name) for name in (*_PROJECTIONS, *_MLP)),
-                layer.input_layernorm.weight,
-                layer.post_attention_layernorm.weight,
-            )
-            for layer in base.layers
-        ]
+        self.layers = [DecoderLayer.of(layer) for layer in base.layers]
         cache_shape = (len(self.layers), max_slots, self.kv_heads, max_len, self.head_dim)
         self.k_cache = torch.empty(cache_shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.empty(cache_shape, dtype=self.dtype, device=self.device)
@@ -227,29 +243,28 @@ class LlamaRunner:
     def _layer(
         self,
         i: int,
-        layer: tuple,
+        layer: DecoderLayer,
         h: torch.Tensor,
         rotations: torch.Tensor,
         attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
         projections: AbstractContextManager,
     ) -> torch.Tensor:
         """One decoder layer on tokens h [tokens, hidden]; `projections` wraps the calls of the projections."""
-        q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, attn_norm, mlp_norm = layer
         tokens = h.shape[0]
-        x = F.rms_norm(h, (self.hidden_size,), attn_norm, self.eps)
+        x = F.rms_norm(h, (self.hidden_size,), layer.attn_norm, self.eps)
         with projections:
-            q, k, v = q_proj(x), k_proj(x), v_proj(x)
+            q, k, v = layer.q_proj(x), layer.k_proj(x), layer.v_proj(x)
         q = torch.bmm(q.view(tokens, self.heads, self.head_dim), rotations)
         k = torch.bmm(k.view(tokens, self.kv_heads, self.head_dim), rotations)
         attention = attend(i, q, k, v.view(tokens, self.kv_heads, self.head_dim)).reshape(tokens, -1)
         with projections:
-            h = h + o_proj(attention)
-        x = F.rms_norm(h, (self.hidden_size,), mlp_norm, self.eps)
+            h = h + layer.o_proj(attention)
+        x = F.rms_norm(h, (self.hidden_size,), layer.mlp_norm, self.eps)
         with projections:
-            gate, up = gate_proj(x), up_proj(x)
+            gate, up = layer.gate_proj(x), layer.up_proj(x)
         x = F.silu(gate) * up
         with projections:
-            return h + down_proj(x)
+            return h + layer.down_proj(x)
 
     def _decode_forward(
         self,

@@ -1,1 +1,1 @@
-"""HTTP routers. They call `ModelService` and never touch torch."""
+"""HTTP routers: thin; they call the API adapters (`app.api`) or `ModelService`, and never touch torch."""

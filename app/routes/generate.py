@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from sse_starlette import EventSourceResponse
 
-from app.deps import ApiKey, Service
+from app.deps import ApiKey, Tgi
 from app.routes.common import ERROR_RESPONSES, event_stream_doc, sse_response, until_disconnected
 from app.schemas import GenerateRequest, GenerateResponse, StreamResponse
 
@@ -13,9 +13,9 @@ router = APIRouter(dependencies=[ApiKey], tags=["generation"])
 
 
 @router.post("/generate", response_model=GenerateResponse, response_model_exclude_none=True, responses=ERROR_RESPONSES)
-async def generate(body: GenerateRequest, service: Service, request: Request) -> GenerateResponse:
+async def generate(body: GenerateRequest, tgi: Tgi, request: Request) -> GenerateResponse:
     """Complete the raw text in `inputs` (no chat template)."""
-    return await until_disconnected(request, service.generate(body))
+    return await until_disconnected(request, tgi.generate(body))
 
 
 @router.post(
@@ -27,6 +27,6 @@ async def generate(body: GenerateRequest, service: Service, request: Request) ->
         StreamResponse,
     ),
 )
-async def generate_stream(body: GenerateRequest, service: Service) -> EventSourceResponse:
+async def generate_stream(body: GenerateRequest, tgi: Tgi) -> EventSourceResponse:
     """Like /generate, streamed as Server-Sent Events in TGI's shape."""
-    return sse_response(service.generate_stream(body))
+    return sse_response(tgi.generate_stream(body))

@@ -5,7 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from sse_starlette import EventSourceResponse
 
-from app.deps import ApiKey, Service
+from app.api.openai import STREAM_END
+from app.deps import ApiKey, OpenAI
 from app.openai_schemas import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -15,7 +16,6 @@ from app.openai_schemas import (
     ModelList,
 )
 from app.routes.common import ERROR_RESPONSES, event_stream_doc, sse_response, until_disconnected
-from app.service import STREAM_END
 
 router = APIRouter(prefix="/v1", dependencies=[ApiKey], tags=["openai"])
 
@@ -23,9 +23,9 @@ STREAMED = "With `stream: true`, Server-Sent Events of chunks, then `data: [DONE
 
 
 @router.get("/models", response_model=ModelList, responses=ERROR_RESPONSES)
-async def models(service: Service) -> ModelList:
+async def models(api: OpenAI) -> ModelList:
     """The served model."""
-    return service.models()
+    return api.models()
 
 
 @router.post(
@@ -34,12 +34,12 @@ async def models(service: Service) -> ModelList:
     responses=event_stream_doc(f"The completion. {STREAMED}", CompletionResponse, done=STREAM_END),
 )
 async def completions(
-    body: CompletionRequest, service: Service, request: Request
+    body: CompletionRequest, api: OpenAI, request: Request
 ) -> CompletionResponse | EventSourceResponse:
     """Complete raw text (OpenAI's completions API)."""
     if body.stream:
-        return sse_response(service.completion_stream(body))
-    return await until_disconnected(request, service.completion(body))
+        return sse_response(api.completion_stream(body))
+    return await until_disconnected(request, api.completion(body))
 
 
 @router.post(
@@ -48,9 +48,9 @@ async def completions(
     responses=event_stream_doc(f"The assistant's reply. {STREAMED}", ChatCompletionChunk, done=STREAM_END),
 )
 async def chat_completions(
-    body: ChatCompletionRequest, service: Service, request: Request
+    body: ChatCompletionRequest, api: OpenAI, request: Request
 ) -> ChatCompletionResponse | EventSourceResponse:
     """Answer a conversation, formatted with the model's chat template."""
     if body.stream:
-        return sse_response(service.chat_completion_stream(body))
-    return await until_disconnected(request, service.chat_completion(body))
+        return sse_response(api.chat_completion_stream(body))
+    return await until_disconnected(request, api.chat_completion(body))

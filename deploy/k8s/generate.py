@@ -19,8 +19,22 @@ from typing import Any
 
 import yaml
 
+import quant
+
 HERE = Path(__file__).parent
-MODES = ("fp32", "int8", "int4", "nf4")
+
+
+def deployed_modes(names: set[str]) -> tuple[str, ...]:
+    """`names` in the registry's order; an unknown name fails here, with the accepted ones."""
+    for name in names:
+        quant.get_mode(name)
+    return tuple(mode for mode in quant.list_modes() if mode in names)
+
+
+# Which modes get a Deployment is a choice of this deployment, not an attribute of the modes:
+# the reference and one mode per weight format (int8, int4, NormalFloat4). measure_memory.py
+# measures these by default.
+MODES = deployed_modes({quant.REFERENCE_MODE, "int8", "int4", "nf4"})
 IMAGE = "quantserve:cpu"
 PORT = 8000
 UID = 10001  # the Dockerfile's USER

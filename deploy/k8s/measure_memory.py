@@ -20,11 +20,12 @@ from pathlib import Path
 from pydoc_data.topics import topics
 
 import httpx
+from generate import MODES  # the modes this directory's generator deploys (a script: its directory is on sys.path)
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.bench.serving import ServerSpec, running_server
 from app.settings import Settings
 from quant.checkpoints import DEFAULT_CACHE_DIR, DEFAULT_MODEL, resolve_checkpoint
+from tools.bench.serving import ServerSpec, running_server
 
 OUTPUT = Path(__file__).parent / "memory.json"
 DEFAULTS = Settings()
@@ -67,7 +68,7 @@ def measure(mode: str, prompt: str, args: argparse.Namespace, logs: Path) -> dic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--modes", nargs="+", default=["fp32", "int8", "int4", "nf4"])
+    parser.add_argument("--modes", nargs="+", default=list(MODES), help="default: the modes generate.py deploys")
     parser.add_argument("--concurrency", type=int, default=DEFAULTS.max_concurrent_requests)
     parser.add_argument("--prompt-tokens", type=int, default=DEFAULTS.max_input_tokens - 24)
     parser.add_argument("--new-tokens", type=int, default=16)

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import importlib
 import logging
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
 from torch import nn
 
 from quant.config import ModeUnavailableError
+from quant.kernels import BNB, BNB_INT8, LinearSpec
 from quant.layers.base import QuantizedLinear
 
 if TYPE_CHECKING:
@@ -49,14 +50,18 @@ def import_bitsandbytes(mode: str, device: str) -> ModuleType:
 class BnbLinear(QuantizedLinear):
     """A bitsandbytes linear module (`inner`) behind the QuantizedLinear interface."""
 
-    kernel = "bitsandbytes"
+    kernel_format: ClassVar[str] = BNB
 
     def __init__(self, inner: nn.Linear) -> None:
         super().__init__(inner.in_features, inner.out_features, bias=False)
         self.inner = inner  # holds the bias too
+        self.select_kernel()
+
+    def kernel_spec(self) -> LinearSpec:
+        return self._spec(self.inner.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner(x)
+        return self.linear_kernel(x, self.inner)
 
     @staticmethod
     def _quantize_on_device(
@@ -77,9 +82,7 @@ class BnbLinear(QuantizedLinear):
 class BnbInt8Linear(BnbLinear):
     """`Linear8bitLt`: int8 rows with absmax scales; activation features above `threshold` stay in float16."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Its matmul works on float16 inputs (and warns at every call when it has to cast them itself).
-        return self.inner(x.to(torch.float16)).to(x.dtype)
+    kernel_format: ClassVar[str] = BNB_INT8  # casts inputs to float16, the dtype its matmul works in
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, threshold: float = 6.0) -> BnbInt8Linear:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from quant.kernels import FP8, LinearSpec
 from quant.layers.base import QuantizedLinear
 from quant.primitives import FP8_DTYPES, dequantize_fp8, quantize_fp8
 
@@ -17,11 +19,14 @@ class Fp8WeightOnlyLinear(QuantizedLinear):
     recent GPUs, so this weight-only layer runs the same upcast path everywhere.
     """
 
+    kernel_format: ClassVar[str] = FP8
+
     def __init__(self, in_features: int, out_features: int, bias: bool = False, fmt: str = "e4m3") -> None:
         super().__init__(in_features, out_features, bias)
         self.fmt = fmt
         self.register_buffer("weight_fp8", torch.zeros(out_features, in_features, dtype=FP8_DTYPES[fmt]))
         self.register_buffer("scale", torch.ones(out_features))
+        self.select_kernel()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, fmt: str = "e4m3") -> Fp8WeightOnlyLinear:
@@ -30,14 +35,16 @@ class Fp8WeightOnlyLinear(QuantizedLinear):
         layer.weight_fp8 = q.contiguous()
         layer.scale = scale.squeeze(-1).contiguous()
         layer._copy_bias(linear)
-        return layer.to(linear.weight.device)
+        return layer._placed_like(linear)
+
+    def kernel_spec(self) -> LinearSpec:
+        return self._spec(self.weight_fp8, scale_dtype=self.scale.dtype)
 
     def dequantize_weight(self) -> torch.Tensor:
         return dequantize_fp8(self.weight_fp8, self.scale[:, None])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight_fp8.to(x.dtype)) * self.scale.to(x.dtype)
-        return y if self.bias is None else y + self.bias.to(x.dtype)
+        return self.linear_kernel(x, self.weight_fp8, self.scale, self.bias)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, format={self.fmt}"

@@ -7,12 +7,12 @@ w[n, k] ≈ code * scales[n, k // g] + mins[n, k // g].
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
 
-from quant.kernels import dequantize_int4, int4_kernel_name, int4_linear
+from quant.kernels import INT4, LinearSpec, dequantize_int4
 from quant.layers.base import QuantizedLinear
 from quant.primitives import affine_codes, grouped, optimize_affine_hqq, pack_int4, quantize_affine
 
@@ -20,6 +20,8 @@ ZeroPointMethod = Literal["minmax", "hqq"]
 
 
 class Int4WeightOnlyLinear(QuantizedLinear):
+    kernel_format: ClassVar[str] = INT4
+
     def __init__(self, in_features: int, out_features: int, bias: bool = False, group_size: int = 64) -> None:
         super().__init__(in_features, out_features, bias)
         if not self.supports(in_features, group_size):
@@ -29,6 +31,7 @@ class Int4WeightOnlyLinear(QuantizedLinear):
         self.register_buffer("packed", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
         self.register_buffer("scales", torch.ones(out_features, n_groups, dtype=torch.float16))
         self.register_buffer("mins", torch.zeros(out_features, n_groups, dtype=torch.float16))
+        self.select_kernel()
 
     @staticmethod
     def supports(in_features: int, group_size: int) -> bool:
@@ -52,14 +55,18 @@ class Int4WeightOnlyLinear(QuantizedLinear):
         layer.scales = scales.squeeze(-1).contiguous()
         layer.mins = mins.squeeze(-1).contiguous()
         layer._copy_bias(linear)
-        layer.kernel = int4_kernel_name(group_size)
-        return layer.to(linear.weight.device)
+        return layer._placed_like(linear)
+
+    def kernel_spec(self) -> LinearSpec:
+        return self._spec(
+            self.packed, group_size=self.group_size, scale_dtype=self.scales.dtype, min_dtype=self.mins.dtype
+        )
 
     def dequantize_weight(self) -> torch.Tensor:
         return dequantize_int4(self.packed, self.scales, self.mins, self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return int4_linear(x, self.packed, self.scales, self.mins, self.group_size, self.bias)
+        return self.linear_kernel(x, self.packed, self.scales, self.mins, self.group_size, self.bias)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, group_size={self.group_size}"

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 
-from quant.kernels import int8_dynamic_linear
+from quant.kernels import INT8_DYNAMIC
 from quant.layers.int8 import Int8WeightOnlyLinear
 
 
@@ -14,7 +16,10 @@ class Int8MixedLinear(Int8WeightOnlyLinear):
     `threshold` are outliers; they multiply the (dequantized) weight columns in
     float, while every other feature goes through the W8A8 path. Without the
     split, one outlier feature would set the per-token scale and flatten the rest.
+    The W8A8 part runs on the layer's int8-dynamic kernel.
     """
+
+    kernel_format: ClassVar[str] = INT8_DYNAMIC
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, threshold: float = 6.0) -> None:
         super().__init__(in_features, out_features, bias)
@@ -24,9 +29,9 @@ class Int8MixedLinear(Int8WeightOnlyLinear):
         feature_max = x.detach().abs().reshape(-1, self.in_features).amax(dim=0)
         outliers = torch.nonzero(feature_max > self.threshold).squeeze(1)
         if outliers.numel() == 0:
-            return int8_dynamic_linear(x, self.weight_int8, self.scale, self.bias)
+            return self.linear_kernel(x, self.weight_int8, self.scale, self.bias)
         regular = x.index_fill(-1, outliers, 0)  # zeroed features add nothing to the int8 product
-        y = int8_dynamic_linear(regular, self.weight_int8, self.scale, self.bias)
+        y = self.linear_kernel(regular, self.weight_int8, self.scale, self.bias)
         w_outliers = self.weight_int8.index_select(1, outliers).to(x.dtype) * self.scale[:, None].to(x.dtype)
         return y + F.linear(x.index_select(-1, outliers), w_outliers)
 

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from torch import nn
 
-from quant.config import QuantConfig
+from quant.config import QuantConfig, knob_default
 from quant.layers.bnb import BnbInt8Linear, import_bitsandbytes
 from quant.registry import register_mode
 
@@ -18,9 +18,10 @@ class BnbInt8Config(QuantConfig):
     name: ClassVar[str] = "bnb-int8"
     description: ClassVar[str] = "bitsandbytes Linear8bitLt (LLM.int8())"
     bits: ClassVar[float] = 8
+    quantizes_activations: ClassVar[bool] = True
     backend: ClassVar[str] = "bitsandbytes"
 
-    outlier_threshold: float = 6.0  # QS_OUTLIER_THRESHOLD
+    outlier_threshold: float = knob_default("outlier_threshold")
 
     def check_available(self) -> None:
         import_bitsandbytes(self.name, self.device)

@@ -7,9 +7,8 @@ from typing import ClassVar
 
 from torch import nn
 
-from quant.config import QuantConfig
+from quant.config import QuantConfig, knob_default
 from quant.layers.fp8 import Fp8WeightOnlyLinear
-from quant.primitives import FP8_DTYPES
 from quant.registry import register_mode
 
 
@@ -20,11 +19,7 @@ class Fp8WeightOnlyConfig(QuantConfig):
     description: ClassVar[str] = "weight-only float8 (e4m3 or e5m2), per-channel scale"
     bits: ClassVar[float] = 8
 
-    fp8_format: str = "e4m3"  # QS_FP8_FORMAT
-
-    def __post_init__(self) -> None:
-        if self.fp8_format not in FP8_DTYPES:
-            raise ValueError(f"fp8 format must be one of {tuple(FP8_DTYPES)}, got {self.fp8_format!r}")
+    fp8_format: str = knob_default("fp8_format")
 
     def quantize_linear(self, linear: nn.Linear) -> nn.Module:
         return Fp8WeightOnlyLinear.from_linear(linear, self.fp8_format)

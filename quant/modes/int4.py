@@ -15,7 +15,7 @@ from typing import ClassVar
 
 from torch import nn
 
-from quant.config import GROUP_SIZES, QuantConfig
+from quant.config import QuantConfig, knob_default
 from quant.layers.int4 import Int4WeightOnlyLinear, ZeroPointMethod
 from quant.registry import register_mode
 
@@ -28,11 +28,7 @@ class Int4WeightOnlyConfig(QuantConfig):
     bits: ClassVar[float] = 4
     zero_point: ClassVar[ZeroPointMethod] = "minmax"
 
-    group_size: int = 64  # QS_GROUP_SIZE
-
-    def __post_init__(self) -> None:
-        if self.group_size not in GROUP_SIZES:
-            raise ValueError(f"group size must be one of {GROUP_SIZES}, got {self.group_size}")
+    group_size: int = knob_default("group_size")
 
     def quantize_linear(self, linear: nn.Linear) -> nn.Module | None:
         if not Int4WeightOnlyLinear.supports(linear.in_features, self.group_size):

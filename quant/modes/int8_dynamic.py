@@ -18,6 +18,7 @@ class Int8DynamicConfig(QuantConfig):
     name: ClassVar[str] = "int8-dynamic"
     description: ClassVar[str] = "W8A8: int8 per-channel weights, int8 per-token dynamic activations"
     bits: ClassVar[float] = 8
+    quantizes_activations: ClassVar[bool] = True
 
     def quantize_linear(self, linear: nn.Linear) -> nn.Module:
         return Int8DynamicLinear.from_linear(linear)

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from torch import nn
 
-from quant.config import QuantConfig
+from quant.config import QuantConfig, knob_default
 from quant.layers.int8_mixed import Int8MixedLinear
 from quant.registry import register_mode
 
@@ -18,12 +18,9 @@ class Int8MixedConfig(QuantConfig):
     name: ClassVar[str] = "int8-mixed"
     description: ClassVar[str] = "LLM.int8(): outlier input features in float, the rest W8A8 int8"
     bits: ClassVar[float] = 8
+    quantizes_activations: ClassVar[bool] = True
 
-    outlier_threshold: float = 6.0  # QS_OUTLIER_THRESHOLD
-
-    def __post_init__(self) -> None:
-        if self.outlier_threshold <= 0:
-            raise ValueError(f"outlier threshold must be positive, got {self.outlier_threshold}")
+    outlier_threshold: float = knob_default("outlier_threshold")
 
     def quantize_linear(self, linear: nn.Linear) -> nn.Module:
         return Int8MixedLinear.from_linear(linear, threshold=self.outlier_threshold)

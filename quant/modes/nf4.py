@@ -19,7 +19,7 @@ class NF4Config(QuantConfig):
     description: ClassVar[str] = "4-bit NormalFloat, per-block (64) absmax, two codes per byte"
     bits: ClassVar[float] = 4
 
-    block_size: int = 64
+    block_size: ClassVar[int] = 64  # fixed, as in QLoRA: not a knob
 
     def group_size_label(self) -> int:
         return self.block_size

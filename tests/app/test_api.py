@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from app.model_loader import load_model
-from tests.app.live_server import record_steps
+from tests.support.live_server import record_steps
 
 PROMPT = "The capital of France is"
 
@@ -225,10 +225,10 @@ def test_generation_failure_is_json_500_without_trace(client, caplog):
 
 def test_unexpected_route_error_is_json_500_without_trace(client, monkeypatch, caplog):
     # Not a ServiceError: it leaves the route and is caught by the `observe` middleware's except.
-    def explode(body):
+    def explode(text):
         raise RuntimeError("tokenizer exploded")
 
-    monkeypatch.setattr(client.app.state.service, "_open_tgi", explode)
+    monkeypatch.setattr(client.app.state.service, "tokenize", explode)
     with caplog.at_level(logging.ERROR):
         response = generate(client, max_new_tokens=2)
     body = assert_error(response, 500, "internal")

@@ -14,12 +14,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.engine.engine import Engine, EngineOverloaded, ErrorEvent, Event, GenerationRequest, TokenEvent
+from app.engine.engine import (
+    Engine,
+    EngineOverloaded,
+    ErrorEvent,
+    ErrorKind,
+    Event,
+    Finish,
+    FinishReason,
+    GenerationRequest,
+    TokenEvent,
+)
 from app.engine.runner import HFRunner, ModelRunner, make_runner
 from app.engine.sampling import SamplingParams, apply_repetition_penalty
 from app.model_loader import LoadedModel, eos_token_ids, load_model
 from app.settings import load_settings
-from tests.app.live_server import StepRecorder
+from tests.support.live_server import StepRecorder
 
 MAX_LEN = 256
 # Greedy choices closer than this (in logits) may flip between batched and single matmuls.
@@ -262,12 +272,12 @@ def test_full_queue_refuses_at_once(tiny):
 def test_timeout_ends_waiting_and_running_requests(tiny):
     ids = prompt_ids(tiny, PROMPTS[1])
     expired = GenerationRequest(ids, SamplingParams(max_new_tokens=5), timeout=1e-9)
-    assert run(make_engine(tiny), [expired])[0] == [ErrorEvent(expired_message(expired), "timeout")]
+    assert run(make_engine(tiny), [expired])[0] == [ErrorEvent(expired_message(expired), ErrorKind.TIMEOUT)]
     slow = StepRecorder(RUNNERS["hf"](tiny, 1), step_seconds=0.01)
     running = GenerationRequest(ids, SamplingParams(max_new_tokens=200), timeout=0.2)
     events = run(make_engine(tiny, slow, max_batch_size=1), [running])[0]
     assert isinstance(events[0], TokenEvent) and isinstance(events[-1], ErrorEvent)
-    assert events[-1].error_type == "timeout" and len(events) < 200
+    assert events[-1].kind is ErrorKind.TIMEOUT and len(events) < 200
 
 
 def expired_message(request: GenerationRequest) -> str:
@@ -285,7 +295,7 @@ def test_runner_failure_fails_the_batch_not_the_engine(tiny):
 
     runner.runner.decode = broken_decode
     broken = run(engine, [greedy(ids, 5), greedy(ids, 5)])
-    assert all(isinstance(e[-1], ErrorEvent) and e[-1].error_type == "generation" for e in broken)
+    assert all(isinstance(e[-1], ErrorEvent) and e[-1].kind is ErrorKind.GENERATION for e in broken)
     runner.runner.decode = original
     healthy = run(engine, [greedy(ids, 5)])[0]
     assert healthy[-1].finish.generated_tokens == 5
@@ -319,3 +329,42 @@ def test_worker_thread_streams_to_asyncio_and_closing_cancels(tiny):
         assert len(recorder.slots("decode")) < 100  # the 500-token request did not run to its end
     finally:
         engine.stop()
+
+
+def test_on_finish_sees_each_normal_end_once_before_its_last_event(tiny):
+    """Called on the worker once per sequence that ends normally, after its slot is freed and before its
+    last event goes out; never for a cancelled, expired or failed one."""
+    finishes: list[Finish] = []
+    runner = StepRecorder(RUNNERS["hf"](tiny, 2))
+    engine = make_engine(tiny, runner, max_batch_size=2, max_queue=4, on_finish=finishes.append)
+    ids = prompt_ids(tiny, PROMPTS[1])
+    done, cancelled = greedy(ids, 3), greedy(ids, 50)
+    expired = GenerationRequest(ids, SamplingParams(max_new_tokens=5), timeout=1e-9)
+    at_the_end: list[tuple[list[Finish], tuple[int, int]]] = []
+    others: list[Event] = []
+
+    def emit_done(event: Event) -> None:
+        if event.finish is not None:
+            at_the_end.append((list(finishes), engine.stats()))
+
+    def emit_cancelled(event: Event) -> None:
+        others.append(event)
+        if len(others) == 2:
+            engine.cancel(cancelled)
+
+    engine.submit(done, emit_done)
+    engine.submit(cancelled, emit_cancelled)
+    engine.submit(expired, others.append)
+    engine.run_until_idle()
+    assert len(finishes) == 1
+    assert finishes[0].finish_reason is FinishReason.LENGTH and finishes[0].generated_tokens == 3
+    assert at_the_end == [([finishes[0]], (0, 0))]  # recorded, and its slot free, when the caller saw the end
+    assert [type(e) for e in others] == [ErrorEvent, TokenEvent, TokenEvent]  # the expired one's timeout first
+
+    def broken_decode(slots: list[int], token_ids: list[int]) -> torch.Tensor:
+        raise RuntimeError("kernel exploded")
+
+    runner.runner.decode = broken_decode
+    failed, one_token = run(engine, [greedy(ids, 5), greedy(ids, 1)])
+    assert isinstance(failed[-1], ErrorEvent) and one_token[-1].finish is not None
+    assert [f.generated_tokens for f in finishes] == [3, 1]  # the failed one is not counted

@@ -19,8 +19,8 @@ import httpx
 import pytest
 
 from quant.kernels import native_ops
-from tests.app.live_server import serve_process
 from tests.support.env import clean_env
+from tests.support.live_server import serve_process
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

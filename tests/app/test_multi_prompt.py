@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.app.live_server import record_steps, wait_idle
+from tests.support.live_server import record_steps, wait_idle
 
 GOOD = ["The capital of France is", "Python is a"]
 LONG = 100  # tokens each good prompt would generate if nobody cancelled it: 1 s at 10 ms a step

@@ -11,7 +11,7 @@ import pytest
 from fastapi import FastAPI
 
 from app.settings import load_settings
-from tests.app.live_server import serve_app, wait_idle
+from tests.support.live_server import serve_app, wait_idle
 
 PROMPT = "The capital of France is"
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]

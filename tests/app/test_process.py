@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.bench.serving import free_port
 from tests.support.env import clean_env
+from tools.bench.serving import free_port
 
 
 def run_quantserve(env_overrides: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:

@@ -23,7 +23,7 @@ from app.engine.runner import ModelRunner, make_runner
 from app.engine.sampling import SamplingParams
 from app.model_loader import eos_token_ids, load_model
 from app.settings import load_settings
-from tests.app.live_server import StepRecorder, record_steps, serve_app, wait_idle
+from tests.support.live_server import StepRecorder, record_steps, serve_app, wait_idle
 
 RUNNING = "The capital of France is"
 QUEUED = "Exceptions are raised when"

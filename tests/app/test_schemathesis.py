@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, settings
 
 from app.main import create_app
 from app.settings import load_settings
-from tests.app.live_server import serve_app, wait_idle
+from tests.support.live_server import serve_app, wait_idle
 
 EXAMPLES_PER_OPERATION = 15
 API_KEY = "schemathesis-key"

@@ -22,7 +22,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.app.live_server import serve_process
+from tests.support.live_server import serve_process
 
 pytestmark = pytest.mark.slow
 

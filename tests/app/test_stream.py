@@ -16,7 +16,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from app.settings import load_settings
-from tests.app.live_server import record_steps, serve_app, wait_idle
+from tests.support.live_server import record_steps, serve_app, wait_idle
 
 PROMPT = "The capital of France is"
 

@@ -17,10 +17,10 @@ import yaml
 
 import quant
 from tests.deploy.sources import ROOT, arguments, assignments
+from tests.support.modes import REQUIRED_DEPLOYED_MODES
 
 COMPOSE = ROOT / "docker-compose.yml"
 PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
-REQUIRED_MODES = {"fp32", "int8", "int4", "nf4"}
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def test_schema_check_catches_a_misspelt_key(tmp_path: Path):
 def test_one_service_per_mode_from_one_image(compose: dict):
     services = quantserve_services(compose)
     modes = {s["environment"]["QS_PRECISION"] for s in services.values()}
-    assert modes >= REQUIRED_MODES
+    assert modes >= REQUIRED_DEPLOYED_MODES
     assert modes <= set(quant.list_modes())
     assert {name.removeprefix("quantserve-") for name in services} == modes
     assert len({s["image"] for s in services.values()}) == 1

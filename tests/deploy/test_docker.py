@@ -142,6 +142,10 @@ def test_copied_files_build_the_package(tmp_path: Path):
         (entry_points,) = [n for n in names if n.endswith("entry_points.txt")]
         assert "quantserve = app.main:main" in archive.read(entry_points).decode()
     assert "app/main.py" in names and "quant/api.py" in names
+    # Every console script `pip install .` creates in the image can import its module (the tools' too).
+    for script, target in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"].items():
+        module = target.split(":")[0].replace(".", "/")
+        assert f"{module}.py" in names or f"{module}/__init__.py" in names, script
     # The image builds the kernels from the installed package: their sources must ship in it.
     assert any(n.startswith("quant/kernels/csrc/") and n.endswith(".cpp") for n in names)
 

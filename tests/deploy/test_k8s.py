@@ -11,6 +11,7 @@ from kubernetes_validate.utils import latest_version
 
 import quant
 from tests.deploy.sources import ROOT, arguments, assignments, load_script
+from tests.support.modes import REQUIRED_DEPLOYED_MODES
 
 K8S = ROOT / "deploy" / "k8s"
 # The oldest release these manifests target, and the newest schema kubernetes-validate ships.
@@ -61,7 +62,7 @@ def test_a_deployment_service_and_autoscaler_per_mode(resources: list[dict]):
     services = by_kind(resources, "Service")
     autoscalers = by_kind(resources, "HorizontalPodAutoscaler")
     modes = {d["spec"]["template"]["spec"]["containers"][0]["env"][0]["value"] for d in deployments.values()}
-    assert modes >= {"fp32", "int8", "int4", "nf4"}
+    assert modes >= REQUIRED_DEPLOYED_MODES
     assert modes <= set(quant.list_modes())
     assert set(deployments) == set(services) == set(autoscalers)
     for name, deployment in deployments.items():

@@ -27,11 +27,10 @@ from unittest import mock
 import httpx
 import pytest
 
-from app.bench.serving import ServerSpec, free_port, running_server
-from app.bench.serving import _stop as stop_process
 from quant.checkpoints import DEFAULT_MODEL
 from tests.deploy.sources import healthcheck_argv
 from tests.support.env import clean_env
+from tools.bench.serving import ServerSpec, free_port, running_server, stop_process
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "quantserve.json"

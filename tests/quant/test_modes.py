@@ -13,14 +13,11 @@ from torch import nn
 import quant
 from app.model_loader import LoadedModel
 from quant.layers.base import QuantizedLinear
-from tests import tiny_shapes as tiny
 from tests.conftest import greedy_complete
+from tests.support import tiny_shapes as tiny
+from tests.support.modes import ALL_MODES, BNB_MODES, FLOAT_MODES, ISSUE_FLOAT_MODES, QUANTIZED_MODES, bits
 
-ALL_MODES = quant.list_modes()
-FLOAT_MODES = ["fp32", "bf16", "fp16"]
-QUANTIZED_MODES = [m for m in ALL_MODES if m not in FLOAT_MODES]
-BNB_MODES = ["bnb-int8", "bnb-nf4", "bnb-fp4"]
-ACTIVATION_QUANTIZING_MODES = ["int8-dynamic", "int8-mixed", "bnb-int8"]
+ACTIVATION_QUANTIZING_MODES = [m for m in ALL_MODES if quant.get_mode(m).quantizes_activations]
 
 # Relative output error ||y_q - y|| / ||y|| of one quantized layer against its float layer,
 # for weights ~ N(0, 0.02²) [128 x 256] and activations ~ N(0, 1). For random inputs it
@@ -43,11 +40,9 @@ LAYER_ERROR_BOUND = {
 }
 FP8_E5M2_BOUND = 0.08  # measured 0.053
 
-# Bytes of the quantized layers over the same layers in fp32 (issue 4).
-BYTES_RATIO_BOUND = {
-    **dict.fromkeys(["int8", "int8-dynamic", "int8-mixed", "bnb-int8", "fp8"], 0.27),
-    **dict.fromkeys(["int4", "int4-hqq", "nf4", "bnb-nf4", "bnb-fp4"], 0.16),
-}
+# Bytes of the quantized layers over the same layers in fp32 (issue 4), by bits per weight.
+BYTES_RATIO_BOUND_BY_BITS = {8: 0.27, 4: 0.16}
+BYTES_RATIO_BOUND = {m: BYTES_RATIO_BOUND_BY_BITS[bits(m)] for m in QUANTIZED_MODES}
 
 
 def bitsandbytes_missing() -> str | None:
@@ -77,8 +72,9 @@ def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
 
 
 def test_every_issue_mode_is_registered() -> None:
-    expected = {*FLOAT_MODES, *LAYER_ERROR_BOUND}
+    expected = {*ISSUE_FLOAT_MODES, *LAYER_ERROR_BOUND}
     assert expected <= set(ALL_MODES)
+    assert set(ISSUE_FLOAT_MODES) <= set(FLOAT_MODES)  # registered as float modes: the whole model cast
 
 
 @pytest.mark.parametrize("mode", [mode_param(m) for m in QUANTIZED_MODES])

@@ -1,6 +1,7 @@
 // torch glue: argument checks, scratch buffers, threading and the quantserve:: op registry.
 // Compiled for the x86-64 baseline; the kernels themselves live in the ISA units and are
-// picked at run time from what the CPU supports (or QS_KERNEL_ISA / set_isa).
+// picked at run time: the best the CPU supports, unless Python chose one with set_isa
+// (quant.kernels.configure; no environment is read here).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -8,7 +9,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -46,11 +46,7 @@ const KernelTable* table_named(const std::string& name) {
 }
 
 std::atomic<const KernelTable*>& active_table() {
-  static std::atomic<const KernelTable*> table{[] {
-    const char* env = std::getenv("QS_KERNEL_ISA");
-    const KernelTable* t = table_named(env ? env : "auto");
-    return t ? t : table_named("auto");  // an unusable request falls back to the best available
-  }()};
+  static std::atomic<const KernelTable*> table{table_named("auto")};  // the best available
   return table;
 }
 

@@ -1,19 +1,22 @@
-"""What the benchmark measures for one precision mode (one row of the report)."""
+"""What the benchmark measures for one job: a precision mode of ours, or the peer engine (one row of the report)."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-PEER_MODE = "llama.cpp"  # the optional peer row's name and kind
+ENGINE = "quantserve"  # the engine of every precision-mode row
+PEER_ENGINE = "llama.cpp"  # the optional peer row: another engine on the same GGUF, in none of our modes
 
 
 @dataclass
-class ModeResult:
-    mode: str
+class BenchRow:
+    """One row of the comparison: speed, memory and quality of `mode` in quantserve, or of the peer engine."""
+
+    mode: str | None  # the precision mode; None for the peer engine, which runs the GGUF as it is
     status: str = "ok"  # "ok" | "failed"
     error: str | None = None  # "<phase>: <reason>" when failed
-    kind: str = "quantserve"  # "quantserve" | PEER_MODE
+    engine: str = ENGINE  # ENGINE | PEER_ENGINE
 
     # what the mode is (from its QuantReport)
     backend: str | None = None
@@ -55,6 +58,19 @@ class ModeResult:
     # wall time of each phase (load, prefill, decode, quality in the worker; serve in the parent)
     phase_seconds: dict[str, float] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if (self.mode is None) != self.is_peer:
+            raise ValueError(f"a {self.engine} row needs {'no' if self.is_peer else 'a'} precision mode")
+
+    @property
+    def is_peer(self) -> bool:
+        return self.engine != ENGINE
+
+    @property
+    def label(self) -> str:
+        """The row's name in the report: its precision mode, or the peer engine's name."""
+        return self.engine if self.is_peer else self.mode
+
     def fail(self, phase: str, reason: str) -> None:
         """Record the first failure; later phases keep what they measured."""
         self.status = "failed"
@@ -73,12 +89,7 @@ class ModeResult:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModeResult:
-        result = cls(mode=data["mode"])
-        result.update({k: v for k, v in data.items() if k != "mode"})
+    def from_dict(cls, data: dict[str, Any]) -> BenchRow:
+        result = cls(mode=data["mode"], engine=data["engine"])
+        result.update({k: v for k, v in data.items() if k not in ("mode", "engine")})
         return result
-
-
-def result_for(mode: str) -> ModeResult:
-    """An empty row of the right kind for a job named `mode`."""
-    return ModeResult(mode, kind=PEER_MODE if mode == PEER_MODE else "quantserve")

@@ -10,10 +10,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from app import loadgen
-from app.loadgen import RequestSample, format_table, main, percentile, run_load
 from app.settings import load_settings
-from tests.app.live_server import serve_app
+from tests.support.live_server import serve_app
+from tools import loadgen
+from tools.loadgen import RequestSample, format_table, main, percentile, run_load
 
 
 def test_percentile_interpolates():

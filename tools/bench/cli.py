@@ -1,4 +1,4 @@
-"""`python -m app.bench` / `quantserve-bench`: compare precision modes on this machine, as a report with charts."""
+"""`python -m tools.bench` / `quantserve-bench`: compare precision modes on this machine, as a report with charts."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import quant
-from app.bench.machine import describe_machine, load_average
-from app.bench.report import render_table, write_report
-from app.bench.run import BenchOptions, BenchRun, available_modes, run_bench
 from quant.checkpoints import DEFAULT_MODEL, default_cache_dir
+from tools.bench.machine import describe_machine, load_average
+from tools.bench.report import render_table, write_report
+from tools.bench.run import BenchOptions, BenchRun, available_modes, run_bench
 
 DEFAULT_MAX_TOKENS = 4096
 
@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_count(0),
         default=DEFAULT_MAX_TOKENS,
         help="quality token budget per mode; 0 skips quality (default: %(default)s, so that every mode fits in "
-        "about 30 minutes on a 2-core CPU; `python -m quant.eval` defaults to 16384)",
+        "about 30 minutes on a 2-core CPU; `quantserve-eval` defaults to 16384)",
     )
     parser.add_argument("--out", type=Path, default=Path("bench-report"), help="output directory")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def exact_command() -> str:
-    """The command line as typed: `python -m app.bench ...` or the console script."""
+    """The command line as typed: `python -m tools.bench ...` or the console script."""
     argv = sys.orig_argv
     if len(argv) > 2 and argv[1] == "-m":
         return shlex.join(["python", *argv[1:]])

@@ -6,10 +6,10 @@ them from its side of the connection. Reports the aggregate generated tokens
 per second, time to first token (TTFT) and time per output token (TPOT, the
 mean gap between a request's later tokens).
 
-    python -m app.loadgen --url http://127.0.0.1:8000 --clients 1,4,8,16
+    python -m tools.loadgen --url http://127.0.0.1:8000 --clients 1,4,8,16
 
-`run_load` / `run_sweep` are the same measurement as functions (the benchmark
-tool uses them).
+`run_load` / `run_sweep` are the same measurement as functions (the benchmark,
+`tools.bench`, uses them).
 """
 
 from __future__ import annotations
@@ -193,7 +193,7 @@ def format_table(results: Sequence[LoadResult]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m app.loadgen", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.loadgen", description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="base URL of the running server")
     parser.add_argument("--clients", default="1,4,8,16", help="comma-separated numbers of concurrent clients")
     parser.add_argument("--max-new-tokens", type=int, default=64)

@@ -8,9 +8,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from app.bench.results import ModeResult
-from app.bench.run import REFERENCE_MODE, BenchRun
+from quant import REFERENCE_MODE
 from quant.checkpoints import DEFAULT_MODEL, DEFAULT_MODEL_ID
+from tools.bench.results import BenchRow
+from tools.bench.run import BenchRun
 
 MIB = 2**20
 CHARTS = {
@@ -81,8 +82,8 @@ TABLE_HEADER = (
 )
 
 
-def table_row(row: ModeResult) -> str:
-    mode = row.mode if row.status == "ok" else f"{row.mode} (failed)"
+def table_row(row: BenchRow) -> str:
+    mode = row.label if row.status == "ok" else f"{row.label} (failed)"
     cells = [
         mode,
         _mib(row.weight_bytes),
@@ -101,7 +102,7 @@ def table_row(row: ModeResult) -> str:
     return "| " + " | ".join(cells) + " |\n"
 
 
-def render_table(rows: list[ModeResult], concurrency: int) -> str:
+def render_table(rows: list[BenchRow], concurrency: int) -> str:
     return TABLE_HEADER.format(concurrency=concurrency) + "".join(table_row(row) for row in rows)
 
 
@@ -112,7 +113,7 @@ def _loads(values: list[float]) -> str:
 PHASES = ("load", "prefill", "decode", "quality", "serve")
 
 
-def render_phase_table(rows: list[ModeResult]) -> str:
+def render_phase_table(rows: list[BenchRow]) -> str:
     """Where the run's time went, per mode (this is what a time budget for the comparison is made of)."""
     lines = [
         "| mode | " + " | ".join(PHASES) + " | total |",
@@ -120,7 +121,7 @@ def render_phase_table(rows: list[ModeResult]) -> str:
     ]
     for row in rows:
         cells = [_num(row.phase_seconds.get(phase), 0) for phase in PHASES]
-        lines.append(f"| {row.mode} | " + " | ".join(cells) + f" | {sum(row.phase_seconds.values()):,.0f} |")
+        lines.append(f"| {row.label} | " + " | ".join(cells) + f" | {sum(row.phase_seconds.values()):,.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -155,7 +156,7 @@ def _model_label(document: dict[str, Any]) -> str:
 
 def render_markdown(document: dict[str, Any]) -> str:
     options = document["options"]
-    rows = [ModeResult.from_dict(r) for r in document["rows"]]
+    rows = [BenchRow.from_dict(r) for r in document["rows"]]
     parts = [
         "# Precision modes compared: speed, memory and quality\n",
         f"Model: {_model_label(document)}, device `{options['device']}`, {document['created']}; "
@@ -165,7 +166,7 @@ def render_markdown(document: dict[str, Any]) -> str:
     ]
     failed = [row for row in rows if row.status != "ok"]
     if failed:
-        parts.append("\nFailed:\n\n" + "".join(f"- `{row.mode}`: {row.error}\n" for row in failed))
+        parts.append("\nFailed:\n\n" + "".join(f"- `{row.label}`: {row.error}\n" for row in failed))
     if document["skipped"]:
         parts.append("\nNot run:\n\n" + "".join(f"- `{name}`: {why}\n" for name, why in document["skipped"].items()))
     reference = document["reference"]
@@ -182,7 +183,7 @@ def _method(options: dict[str, Any], document: dict[str, Any]) -> str:
     text = options["text"] or "the quality tool's default text (Python's `pydoc_data.topics`)"
     lines = [
         "\n## How each figure is measured\n",
-        "- Each mode runs in its own worker process (`app.bench.worker`), loaded exactly as the service loads it.",
+        "- Each mode runs in its own worker process (`tools.bench.worker`), loaded exactly as the service loads it.",
         "- **weights MiB**: parameters and buffers after quantization (the mode's QuantReport); "
         f"**× fp32**: that over the same model in {REFERENCE_MODE}, both measured in this run.",
         "- **peak RSS**: the worker's peak resident memory (getrusage) after load, prefill and decode, "
@@ -196,7 +197,7 @@ def _method(options: dict[str, Any], document: dict[str, Any]) -> str:
         "the load generator; tok/s is generated tokens over wall time; TPOT is the time per output token after "
         "the first.",
         f"- **perplexity**, **top-1 agree** (share of positions whose most likely next token equals {REFERENCE_MODE}'s): "
-        f"`quant.eval` over the first {options['max_tokens']} tokens of {text}; Δ ppl is relative to "
+        f"`tools.quality` over the first {options['max_tokens']} tokens of {text}; Δ ppl is relative to "
         f"{REFERENCE_MODE}.",
         "- Timings come from one run on a shared machine: compare modes within this table, not across runs.",
     ]
@@ -211,11 +212,11 @@ def _method(options: dict[str, Any], document: dict[str, Any]) -> str:
 # --- charts -----------------------------------------------------------------
 
 
-def _plotted(rows: list[ModeResult], *fields: str) -> list[ModeResult]:
+def _plotted(rows: list[BenchRow], *fields: str) -> list[BenchRow]:
     return [row for row in rows if all(getattr(row, f) is not None for f in fields)]
 
 
-def write_charts(rows: list[ModeResult], out: Path) -> None:
+def write_charts(rows: list[BenchRow], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -238,7 +239,7 @@ def _empty(axes: Any, what: str) -> None:
     axes.text(0.5, 0.5, f"no {what} measured", ha="center", va="center", transform=axes.transAxes)
 
 
-def _decode_chart(plt: Any, rows: list[ModeResult]) -> Any:
+def _decode_chart(plt: Any, rows: list[BenchRow]) -> Any:
     figure, axes = plt.subplots(figsize=(max(6, len(rows) * 0.9), 4))
     shown = [row for row in rows if row.decode_tok_s is not None or row.serve_tok_s is not None]
     if not shown:
@@ -251,20 +252,20 @@ def _decode_chart(plt: Any, rows: list[ModeResult]) -> Any:
     axes.bar([p - width / 2 for p in positions], single, width, label="batch 1 (worker)")
     concurrency = next((row.serve_concurrency for row in shown if row.serve_concurrency), None)
     axes.bar([p + width / 2 for p in positions], streams, width, label=f"{concurrency or '?'} streams (server)")
-    axes.set_xticks(list(positions), [row.mode for row in shown], rotation=30, ha="right")
+    axes.set_xticks(list(positions), [row.label for row in shown], rotation=30, ha="right")
     axes.set_ylabel("generated tokens / s")
     axes.set_title("Decode throughput per mode")
     axes.legend()
     return figure
 
 
-def _bytes_chart(plt: Any, rows: list[ModeResult]) -> Any:
+def _bytes_chart(plt: Any, rows: list[BenchRow]) -> Any:
     figure, axes = plt.subplots(figsize=(max(6, len(rows) * 0.9), 4))
     shown = _plotted(rows, "weight_bytes")
     if not shown:
         _empty(axes, "weight size")
         return figure
-    bars = axes.bar([row.mode for row in shown], [row.weight_bytes / MIB for row in shown])
+    bars = axes.bar([row.label for row in shown], [row.weight_bytes / MIB for row in shown])
     for bar, row in zip(bars, shown, strict=True):
         if row.weight_ratio is not None:
             axes.annotate(
@@ -290,13 +291,13 @@ def pareto_front(points: list[tuple[float, float, str]]) -> list[tuple[float, fl
     return front
 
 
-def _frontier_chart(plt: Any, rows: list[ModeResult]) -> Any:
+def _frontier_chart(plt: Any, rows: list[BenchRow]) -> Any:
     figure, axes = plt.subplots(figsize=(7, 4.5))
     shown = _plotted(rows, "weight_bytes", "perplexity")
     if not shown:
         _empty(axes, "perplexity")
         return figure
-    points = [(row.weight_bytes / MIB, row.perplexity, row.mode) for row in shown]
+    points = [(row.weight_bytes / MIB, row.perplexity, row.label) for row in shown]
     axes.scatter([p[0] for p in points], [p[1] for p in points])
     for x, y, mode in points:
         axes.annotate(mode, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
@@ -309,7 +310,7 @@ def _frontier_chart(plt: Any, rows: list[ModeResult]) -> Any:
     return figure
 
 
-def _latency_chart(plt: Any, rows: list[ModeResult]) -> Any:
+def _latency_chart(plt: Any, rows: list[BenchRow]) -> Any:
     figure, (ttft_axes, tpot_axes) = plt.subplots(1, 2, figsize=(max(8, len(rows) * 1.4), 4))
     shown = _plotted(rows, "ttft_p50_s", "ttft_p95_s", "tpot_p50_s", "tpot_p95_s")
     if not shown:
@@ -318,7 +319,7 @@ def _latency_chart(plt: Any, rows: list[ModeResult]) -> Any:
         return figure
     positions = range(len(shown))
     width = 0.4
-    labels = [row.mode for row in shown]
+    labels = [row.label for row in shown]
     for axes, name, p50, p95 in (
         (ttft_axes, "Time to first token", "ttft_p50_s", "ttft_p95_s"),
         (tpot_axes, "Time per output token", "tpot_p50_s", "tpot_p95_s"),

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from app.bench.report import CHARTS, pareto_front, render_markdown, results_document
-from app.bench.results import ModeResult
-from app.bench.run import BenchOptions, BenchRun, finish_figures, run_worker
-from app.bench.worker import WorkerSpec
-from tests import tiny_shapes as tiny
+from quant import REFERENCE_MODE
+from tests.support import tiny_shapes as tiny
+from tools.bench.report import CHARTS, pareto_front, render_markdown, results_document
+from tools.bench.results import ENGINE, PEER_ENGINE, BenchRow
+from tools.bench.run import BenchOptions, BenchRun, finish_figures, run_worker
+from tools.bench.worker import WorkerSpec
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 POSITIVE_FIELDS = (
@@ -58,7 +59,7 @@ def bench_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
         str(out),
     ]
     completed = subprocess.run(
-        [sys.executable, "-m", "app.bench", *args], capture_output=True, text=True, timeout=300, check=False
+        [sys.executable, "-m", "tools.bench", *args], capture_output=True, text=True, timeout=300, check=False
     )
     assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-4000:]
     return out, args
@@ -83,7 +84,8 @@ def test_results_json_has_every_measured_field(bench_run):
         assert row["quality_tokens"] > 0
         assert 0 <= row["top1_agreement"] <= 1
     fp32, int8 = rows["fp32"], rows["int8"]
-    assert document["reference"]["mode"] == "fp32"
+    assert document["reference"]["mode"] == "fp32" == REFERENCE_MODE
+    assert document["reference_mode"] == REFERENCE_MODE
     # bytes against the hand count from the tiny model's shapes (the ratio arithmetic itself is
     # checked on fixed figures in test_ratios_use_the_reference_and_failures_are_reported)
     assert fp32["weight_bytes"] == int8["fp32_weight_bytes"] == tiny.fp32_model_bytes()
@@ -102,7 +104,7 @@ def test_report_shows_table_machine_and_command(bench_run):
     out, args = bench_run
     document = json.loads((out / "results.json").read_text())
     report = (out / "report.md").read_text()
-    assert document["command"].startswith("python -m app.bench ")
+    assert document["command"].startswith("python -m tools.bench ")
     assert document["command"].endswith(" ".join(args[-2:]))
     assert document["command"] in report
     lines = report.splitlines()
@@ -155,8 +157,24 @@ def test_a_failing_job_becomes_a_failed_row(tmp_path: Path):
     assert events == [{"event": "phase", "name": "load"}]
 
 
-def _row(mode: str, **values) -> ModeResult:
-    row = ModeResult(mode)
+MACHINE = {
+    "cpu_model": "Test CPU",
+    "logical_cores": 2,
+    "usable_cores": 2,
+    "torch_threads": 2,
+    "cpu_flags": ["avx2"],
+    "torch_cpu_capability": "AVX2",
+    "memory_bytes": 2**30,
+    "torch": "2.13.0",
+    "transformers": "5.0",
+    "python": "3.11",
+    "os": "Linux",
+    "load_average": [1.0, 1.0, 1.0],
+}
+
+
+def _row(mode: str, **values) -> BenchRow:
+    row = BenchRow(mode)
     row.update(values)
     return row
 
@@ -175,24 +193,51 @@ def test_ratios_use_the_reference_and_failures_are_reported(tmp_path: Path):
     assert int4.perplexity_increase == pytest.approx(0.1)
     assert broken.weight_ratio is None
 
-    machine = {
-        "cpu_model": "Test CPU",
-        "logical_cores": 2,
-        "usable_cores": 2,
-        "torch_threads": 2,
-        "cpu_flags": ["avx2"],
-        "torch_cpu_capability": "AVX2",
-        "memory_bytes": 2**30,
-        "torch": "2.13.0",
-        "transformers": "5.0",
-        "python": "3.11",
-        "os": "Linux",
-        "load_average": [1.0, 1.0, 1.0],
-    }
-    report = render_markdown(results_document(run, machine, "python -m app.bench", "today"))
+    report = render_markdown(results_document(run, MACHINE, "python -m tools.bench", "today"))
     assert "| nf4 (failed) |" in report
     assert "- `nf4`: serve: server exited with code 1: boom" in report
     assert "- `bnb-nf4`: no bitsandbytes" in report
+
+
+def test_the_peer_engine_is_a_row_without_a_precision_mode(tmp_path: Path):
+    options = BenchOptions(
+        model="m", modes=("fp32",), text=None, max_tokens=10, out=tmp_path, device="cpu", cache_dir="c"
+    )
+    fp32 = _row("fp32", weight_bytes=400, perplexity=10.0)
+    peer = BenchRow(None, engine=PEER_ENGINE)
+    peer.update({"weight_bytes": 2**20, "decode_tok_s": 50.0})
+    run = BenchRun(options, rows=[fp32, peer], reference=fp32)
+    finish_figures(run)
+    assert peer.weight_ratio is None and peer.fp32_weight_bytes is None  # another engine's file: no ratio
+    assert (fp32.label, peer.label) == ("fp32", "llama.cpp")
+    document = results_document(run, MACHINE, "python -m tools.bench", "today")
+    assert [(row["mode"], row["engine"]) for row in document["rows"]] == [("fp32", ENGINE), (None, PEER_ENGINE)]
+    assert BenchRow.from_dict(document["rows"][1]) == peer
+    report = render_markdown(document)
+    assert "| llama.cpp | 1.0 | – |" in report  # named by its engine: 1 MiB, no ratio
+    assert report.split("## Time per phase (s)")[1].count("| llama.cpp | ") == 1
+    with pytest.raises(ValueError, match="needs a precision mode"):
+        BenchRow(None)
+    with pytest.raises(ValueError, match="needs no precision mode"):
+        BenchRow("fp32", engine=PEER_ENGINE)
+    spec = WorkerSpec(
+        mode=None,
+        engine=PEER_ENGINE,
+        model="m",
+        cache_dir="c",
+        device="cpu",
+        text=None,
+        prompt_tokens=8,
+        decode_tokens=2,
+        prefill_repeats=1,
+        max_tokens=0,
+        context=1024,
+        stride=768,
+        reference_path=None,
+        is_reference=False,
+    )
+    assert WorkerSpec.from_json(spec.to_json()) == spec
+    assert spec.empty_row() == BenchRow(None, engine=PEER_ENGINE)
 
 
 def test_pareto_front_keeps_only_undominated_points():

@@ -17,12 +17,11 @@ from typing import Any
 from tqdm import tqdm
 
 import quant
-from app.bench.llamacpp import gguf_for, llama_cpp_available
-from app.bench.results import PEER_MODE, ModeResult, result_for
-from app.bench.serving import ServerError, ServerSpec, measure_serving, running_server
-from app.bench.worker import PROTOCOL_PREFIX, WorkerSpec
-
-REFERENCE_MODE = "fp32"  # quality and weight ratios are measured against it
+from quant import REFERENCE_MODE
+from tools.bench.llamacpp import gguf_for, llama_cpp_available
+from tools.bench.results import ENGINE, PEER_ENGINE, BenchRow
+from tools.bench.serving import ServerError, ServerSpec, measure_serving, running_server
+from tools.bench.worker import PROTOCOL_PREFIX, WorkerSpec
 
 
 @dataclass(frozen=True)
@@ -40,7 +39,7 @@ class BenchOptions:
     concurrency: int = 8
     stream_tokens: int = 64
     requests_per_client: int = 1
-    context: int = 1024  # quality windows, as `quant.eval`'s defaults
+    context: int = 1024  # quality windows, as `tools.quality`'s defaults
     stride: int = 768
     serve: bool = True
     peer: bool = True
@@ -52,9 +51,9 @@ class BenchRun:
     """Everything results.json holds, besides the machine and the command."""
 
     options: BenchOptions
-    rows: list[ModeResult] = field(default_factory=list)
-    reference: ModeResult | None = None  # the fp32 job, also when fp32 is not a requested row
-    skipped: dict[str, str] = field(default_factory=dict)  # modes and peers that could not run, with why
+    rows: list[BenchRow] = field(default_factory=list)
+    reference: BenchRow | None = None  # the REFERENCE_MODE job, also when it is not a requested row
+    skipped: dict[str, str] = field(default_factory=dict)  # modes and peer engines that could not run, with why
     seconds: float | None = None  # wall time of the whole comparison
 
 
@@ -72,10 +71,17 @@ def available_modes(device: str) -> tuple[list[str], dict[str, str]]:
 
 
 def _worker_spec(
-    options: BenchOptions, mode: str, reference_path: Path | None, *, is_reference: bool, speed: bool
+    options: BenchOptions,
+    mode: str | None,
+    reference_path: Path | None,
+    *,
+    is_reference: bool,
+    speed: bool,
+    engine: str = ENGINE,
 ) -> WorkerSpec:
     return WorkerSpec(
         mode=mode,
+        engine=engine,
         model=options.model,
         cache_dir=options.cache_dir,
         device=options.device,
@@ -92,11 +98,11 @@ def _worker_spec(
     )
 
 
-def run_worker(spec: WorkerSpec, log_path: Path, timeout: float, on_event: Callable[[dict], None]) -> ModeResult:
+def run_worker(spec: WorkerSpec, log_path: Path, timeout: float, on_event: Callable[[dict], None]) -> BenchRow:
     """Run one job in a fresh interpreter; a crash or a timeout becomes a failed row, never an exception."""
     with log_path.open("w") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "app.bench.worker", spec.to_json()],
+            [sys.executable, "-m", "tools.bench.worker", spec.to_json()],
             stdout=subprocess.PIPE,
             stderr=log,
             text=True,
@@ -111,7 +117,7 @@ def run_worker(spec: WorkerSpec, log_path: Path, timeout: float, on_event: Calla
 
         timer = threading.Timer(timeout, kill)
         timer.start()
-        result: ModeResult | None = None
+        result: BenchRow | None = None
         try:
             assert process.stdout is not None
             for line in process.stdout:
@@ -120,7 +126,7 @@ def run_worker(spec: WorkerSpec, log_path: Path, timeout: float, on_event: Calla
                     continue
                 message: dict[str, Any] = json.loads(line.removeprefix(PROTOCOL_PREFIX))
                 if message["event"] == "result":
-                    result = ModeResult.from_dict(message["data"])
+                    result = BenchRow.from_dict(message["data"])
                 else:
                     on_event(message)
             process.wait()
@@ -128,7 +134,7 @@ def run_worker(spec: WorkerSpec, log_path: Path, timeout: float, on_event: Calla
             timer.cancel()
     if result is not None:
         return result
-    result = result_for(spec.mode)
+    result = spec.empty_row()
     lines = [line.strip() for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
     last = lines[-1] if lines else "(no output)"
     if timed_out.is_set():
@@ -138,7 +144,7 @@ def run_worker(spec: WorkerSpec, log_path: Path, timeout: float, on_event: Calla
     return result
 
 
-def serve_and_load(options: BenchOptions, result: ModeResult, log_path: Path) -> None:
+def serve_and_load(options: BenchOptions, result: BenchRow, log_path: Path) -> None:
     spec = ServerSpec(
         mode=result.mode,
         model=options.model,
@@ -161,7 +167,7 @@ def finish_figures(run: BenchRun) -> None:
     """Ratios against the reference, from bytes and perplexities measured in this run."""
     reference = run.reference
     for row in run.rows:
-        if reference is None or row.kind != "quantserve":
+        if reference is None or row.is_peer:
             continue
         if row.weight_bytes and reference.weight_bytes:
             row.fp32_weight_bytes = reference.weight_bytes
@@ -195,7 +201,7 @@ class ModeProgress:
             self._bar.update(index - self._done)
             self._done = index
 
-    def close(self, result: ModeResult) -> None:
+    def close(self, result: BenchRow) -> None:
         self._advance_to(len(self._phases))
         self._bar.set_postfix_str("ok" if result.status == "ok" else f"FAILED ({result.error})")
         self._bar.close()
@@ -256,13 +262,13 @@ def run_bench(options: BenchOptions, on_row: Callable[[BenchRun], None] = lambda
 def run_peer(run: BenchRun, logs: Path) -> None:
     options = run.options
     if not llama_cpp_available():
-        run.skipped[PEER_MODE] = "llama-cpp-python is not installed"
+        run.skipped[PEER_ENGINE] = "llama-cpp-python is not installed"
         return
     if gguf_for(options.model) is None:
-        run.skipped[PEER_MODE] = "the model is not a GGUF file"
+        run.skipped[PEER_ENGINE] = "the model is not a GGUF file"
         return
-    progress = ModeProgress(PEER_MODE, ["load"])
-    spec = _worker_spec(options, PEER_MODE, None, is_reference=False, speed=True)
-    result = run_worker(spec, logs / "llama.cpp.log", options.mode_timeout, progress)
+    progress = ModeProgress(PEER_ENGINE, ["load"])
+    spec = _worker_spec(options, None, None, is_reference=False, speed=True, engine=PEER_ENGINE)
+    result = run_worker(spec, logs / f"{PEER_ENGINE}.log", options.mode_timeout, progress)
     progress.close(result)
     run.rows.append(result)

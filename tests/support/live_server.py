@@ -20,12 +20,12 @@ import torch
 import uvicorn
 from fastapi import FastAPI
 
-from app.bench.serving import free_port
 from app.engine.runner import ModelRunner
 from app.main import create_app
 from app.service import ModelService
 from app.settings import Settings
 from tests.support.env import clean_env
+from tools.bench.serving import free_port
 
 
 class StepRecorder:

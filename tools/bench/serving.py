@@ -68,7 +68,8 @@ def _wait_ready(process: subprocess.Popen, base_url: str, spec: ServerSpec, log_
     raise ServerError(f"server not ready after {spec.startup_timeout:.0f} s")
 
 
-def _stop(process: subprocess.Popen) -> None:
+def stop_process(process: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL after 30 s; a process that already exited is left as it is."""
     if process.poll() is not None:
         return
     process.send_signal(signal.SIGTERM)
@@ -102,12 +103,12 @@ def running_server(spec: ServerSpec, log_path: Path) -> Iterator[str]:
             _wait_ready(process, base_url, spec, log_path)
             yield base_url
         finally:
-            _stop(process)
+            stop_process(process)
 
 
 def measure_serving(base_url: str, concurrency: int, max_new_tokens: int, requests_per_client: int) -> dict[str, Any]:
-    """`concurrency` streaming clients against the server, as ModeResult fields (the load generator's figures)."""
-    from app.loadgen import run_sweep
+    """`concurrency` streaming clients against the server, as BenchRow fields (the load generator's figures)."""
+    from tools.loadgen import run_sweep
 
     (load,) = run_sweep(
         base_url, (concurrency,), max_new_tokens=max_new_tokens, requests_per_client=requests_per_client

@@ -1,10 +1,11 @@
 """One benchmark job in its own process, so peak memory and allocator state never mix between modes.
 
-`python -m app.bench.worker SPEC_JSON` loads the model in one mode exactly as the
+`python -m tools.bench.worker SPEC_JSON` loads the model in one mode exactly as the
 service does (`app.model_loader.load_model`), measures prefill and single-stream
 decode through the engine's model runner, records the process's peak RSS, then
-scores quality with `quant.eval`. It talks to the parent on stdout with lines
+scores quality with `tools.quality`. It talks to the parent on stdout with lines
 that start with `@@bench ` (JSON); everything else it prints is only logged.
+The peer job (`engine` PEER_ENGINE) measures llama.cpp on the same GGUF instead.
 """
 
 from __future__ import annotations
@@ -20,14 +21,15 @@ from typing import Any
 
 import torch
 
-from app.bench.results import PEER_MODE, ModeResult, result_for
+from tools import quality
+from tools.bench.results import ENGINE, PEER_ENGINE, BenchRow
 
 PROTOCOL_PREFIX = "@@bench "
 
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    mode: str  # a precision mode, or PEER_MODE
+    mode: str | None  # the precision mode; None for the peer engine
     model: str
     cache_dir: str
     device: str
@@ -36,11 +38,15 @@ class WorkerSpec:
     decode_tokens: int  # greedy decode steps, batch 1
     prefill_repeats: int  # best of N prefill runs (the machine is noisy)
     max_tokens: int  # quality token budget; 0 skips quality
-    context: int  # quality window and stride, as in `quant.eval`
+    context: int  # quality window and stride, as in `tools.quality`
     stride: int
     reference_path: str | None  # fp32 predictions for the agreement score
     is_reference: bool  # this job writes `reference_path` instead of reading it
     measure_speed: bool = True
+    engine: str = ENGINE  # ENGINE | PEER_ENGINE
+
+    def empty_row(self) -> BenchRow:
+        return BenchRow(self.mode, engine=self.engine)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -85,15 +91,11 @@ def peak_rss_bytes() -> int:
 
 
 def benchmark_text(spec: WorkerSpec) -> str:
-    from quant import eval as quality
-
     return quality.load_text(Path(spec.text) if spec.text else None)
 
 
 def first_tokens(tokenizer: Any, text: str, count: int) -> list[int]:
     """The first `count` tokens of `text`, tokenized as the quality tool does."""
-    from quant import eval as quality
-
     ids = quality.tokenize(tokenizer, text, count).tolist()
     if len(ids) < count:
         raise ValueError(f"the text has only {len(ids)} tokens; {count} are needed")
@@ -127,7 +129,7 @@ def measure_decode(runner: Any, ids: list[int], steps: int) -> float:
     return elapsed
 
 
-def run_mode(spec: WorkerSpec, result: ModeResult, phases: Phases) -> None:
+def run_mode(spec: WorkerSpec, result: BenchRow, phases: Phases) -> None:
     from app.engine.runner import make_runner
     from app.model_loader import load_model
     from app.settings import load_settings
@@ -168,9 +170,7 @@ def run_mode(spec: WorkerSpec, result: ModeResult, phases: Phases) -> None:
 
 
 def score_quality(spec: WorkerSpec, model: Any, tokenizer: Any, text: str) -> dict[str, Any]:
-    """Perplexity and top-1 agreement with the reference, by `quant.eval` on its windows of the text."""
-    from quant import eval as quality
-
+    """Perplexity and top-1 agreement with the reference, by `tools.quality` on its windows of the text."""
     ids = quality.tokenize(tokenizer, text, spec.max_tokens)
     scores = quality.score(
         model,
@@ -191,8 +191,8 @@ def score_quality(spec: WorkerSpec, model: Any, tokenizer: Any, text: str) -> di
     }
 
 
-def run_llama_cpp(spec: WorkerSpec, result: ModeResult, phases: Phases) -> None:
-    from app.bench.llamacpp import measure_llama_cpp
+def run_llama_cpp(spec: WorkerSpec, result: BenchRow, phases: Phases) -> None:
+    from tools.bench.llamacpp import measure_llama_cpp
 
     phases.enter("load")
     text = benchmark_text(spec)
@@ -203,10 +203,10 @@ def run_llama_cpp(spec: WorkerSpec, result: ModeResult, phases: Phases) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     spec = WorkerSpec.from_json(args[0])
-    result = result_for(spec.mode)
+    result = spec.empty_row()
     phases = Phases()
     try:
-        if result.kind == PEER_MODE:
+        if spec.engine == PEER_ENGINE:
             run_llama_cpp(spec, result, phases)
         else:
             run_mode(spec, result, phases)

@@ -1,6 +1,6 @@
 """Per-token breakdown of a decode step at batch 1: linear layers vs everything else.
 
-    python -m app.engine.profile [--precisions fp32,int8] [--steps 32] [--repeats 5] [--threads N] [--clock cpu]
+    python -m tools.decode_profile [--precisions fp32,int8] [--steps 32] [--repeats 5] [--threads N] [--clock cpu]
 
 For each precision mode it times decode steps of transformers' forward
 (`HFRunner`) and of the lean Llama runner (`LlamaRunner`) on the same loaded model, and the
@@ -116,7 +116,7 @@ def profile_precision(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.decode_profile", description=__doc__.split("\n\n")[0])
     parser.add_argument("--precisions", default="fp32,int8", help="comma-separated precision modes")
     parser.add_argument("--steps", type=int, default=32, help="decode steps per measurement")
     parser.add_argument("--repeats", type=int, default=5, help="measurements per runner (medians are reported)")

@@ -1,12 +1,13 @@
 """Quality of precision modes: perplexity and top-1 agreement with fp32 over a text.
 
-    python -m quant.eval --modes fp32,int8,int4 --text ../shared/data/wikitext-2/test.txt
+    python -m tools.quality --modes fp32,int8,int4 --text ../shared/data/wikitext-2/test.txt
+    quantserve-eval --modes all            # the same, as the console script
 
 Perplexity uses a fixed context window slid by a stride (Hugging Face's
 "perplexity of fixed-length models" recipe): each window scores only the tokens
 the previous window did not, with the rest of the window as their context.
 Every mode sees exactly the same windows, so `agreement` is the share of scored
-positions whose most likely next token equals fp32's.
+positions whose most likely next token equals fp32's (`quant.REFERENCE_MODE`).
 Cost: about max_tokens x context / stride token forwards per mode (fp32 is always
 evaluated, as the reference).
 """
@@ -29,10 +30,8 @@ from torch import nn
 
 from quant.api import quantize_
 from quant.checkpoints import DEFAULT_CACHE_DIR, DEFAULT_MODEL, default_cache_dir, load_float_model
-from quant.config import FP8_FORMATS, GROUP_SIZES, ModeUnavailableError, QuantOptions
-from quant.registry import list_modes, make_config
-
-REFERENCE_MODE = "fp32"
+from quant.config import ModeUnavailableError, QuantOptions
+from quant.registry import REFERENCE_MODE, list_modes, make_config
 
 
 @dataclass(frozen=True)
@@ -43,7 +42,9 @@ class Window:
 
 
 @dataclass
-class ModeResult:
+class QualityResult:
+    """One mode's quality over the text, against the reference mode (a row of the quality table)."""
+
     mode: str
     weight_bytes: int
     quantized_ratio: float | None
@@ -54,7 +55,7 @@ class ModeResult:
     mean_sqnr_db: float | None
     exact_layers: int
     perplexity: float
-    agreement: float  # share of scored positions whose argmax matches fp32's
+    agreement: float  # share of scored positions whose argmax matches the reference's
     tokens_scored: int
     tokens_forwarded: int
     quantize_seconds: float
@@ -163,8 +164,8 @@ def evaluate(
     options: QuantOptions | None = None,
     cache_dir: Path = DEFAULT_CACHE_DIR,
     progress: TextIO | None = sys.stderr,
-) -> Iterator[ModeResult]:
-    """Evaluate fp32 first (the reference), then every other mode in `modes`, one model at a time."""
+) -> Iterator[QualityResult]:
+    """Evaluate the reference mode (fp32) first, then every other mode in `modes`, one model at a time."""
     options = options or QuantOptions()
     configs = [make_config(mode, options) for mode in dict.fromkeys([REFERENCE_MODE, *modes])]
     for config in configs:
@@ -185,7 +186,7 @@ def evaluate(
             reference = scores.top1
         forwarded = sum(w.end - w.begin for w in sliding_windows(len(ids), context, stride))
         errors = report.error_summary()
-        yield ModeResult(
+        yield QualityResult(
             mode=config.name,
             weight_bytes=report.total_weight_bytes,
             quantized_ratio=report.quantized_ratio,
@@ -206,11 +207,12 @@ def evaluate(
         gc.collect()
 
 
-def format_table(results: list[ModeResult]) -> str:
-    """A Markdown table; perplexity change is relative to the first (fp32) row."""
+def format_table(results: list[QualityResult]) -> str:
+    """A Markdown table; perplexity change is relative to the first (reference) row."""
     base = results[0].perplexity if results else float("nan")
     header = (
-        "| mode | weight MiB | quantized/fp32 | layers q/skip/fallback | mean SQNR dB | perplexity | Δ vs fp32 "
+        f"| mode | weight MiB | quantized/{REFERENCE_MODE} | layers q/skip/fallback | mean SQNR dB | perplexity "
+        f"| Δ vs {REFERENCE_MODE} "
         "| top-1 agreement | kernels | eval s |"
     )
     lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
@@ -229,7 +231,7 @@ def format_table(results: list[ModeResult]) -> str:
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m quant.eval", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.quality", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--modes", default="fp32,int8,int4", help=f"comma-separated, or 'all' ({', '.join(list_modes())})"
     )
@@ -238,11 +240,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=16384, help="token budget taken from the text")
     parser.add_argument("--context", type=int, default=1024, help="tokens per window")
     parser.add_argument("--stride", type=int, default=768, help="tokens between window starts (new tokens scored)")
-    parser.add_argument("--group-size", type=int, default=64, choices=GROUP_SIZES)
-    parser.add_argument("--outlier-threshold", type=float, default=6.0)
-    parser.add_argument("--fp8-format", default="e4m3", choices=FP8_FORMATS)
-    parser.add_argument("--quantize-lm-head", action="store_true")
-    parser.add_argument("--skip-modules", default="", help="comma-separated module name patterns kept in float")
+    QuantOptions.add_arguments(parser)  # --group-size, --fp8-format, ...: the knobs, declared in quant.config
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="default: QS_CACHE_DIR")
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -256,14 +254,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"unknown mode(s) {', '.join(unknown)}; accepted: {', '.join(list_modes())}", file=sys.stderr)
         return 2
-    options = QuantOptions(
-        group_size=args.group_size,
-        outlier_threshold=args.outlier_threshold,
-        fp8_format=args.fp8_format,
-        quantize_lm_head=args.quantize_lm_head,
-        skip_modules=tuple(p.strip() for p in args.skip_modules.split(",") if p.strip()),
-        device=args.device,
-    )
+    try:
+        options = QuantOptions.from_arguments(args, device=args.device)
+    except ValueError as error:
+        print(error, file=sys.stderr)
+        return 2
     results = []
     try:
         for result in evaluate(

@@ -1,4 +1,4 @@
-"""Benchmark of the quantized linear kernels (not a test): `python -m quant.kernels.bench`.
+"""Benchmark of the quantized linear kernels (not a test): `python -m tools.kernel_bench`.
 
 For each weight shape N×K (out_features × in_features, torch's [out, in] layout) and
 each M (rows of activations), it times in one run:
@@ -12,7 +12,7 @@ Weights are cold by default: each method cycles through enough copies of its wei
 exceed the last-level cache, as in decoding a model larger than the cache (use --hot to
 reuse one copy). Times are medians of repeated samples; ratios come from this one run.
 
-`python -m quant.kernels.bench --decode fp32 int8 int4` instead measures greedy decode tok/s
+`python -m tools.kernel_bench --decode fp32 int8 int4` instead measures greedy decode tok/s
 of the default model per mode, on the reference path (as QS_KERNELS=reference runs it) and
 with the kernels, alternating in one process.
 """
@@ -269,7 +269,7 @@ def decode_table(modes: list[str], new_tokens: int, repeats: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.kernel_bench", description=__doc__.splitlines()[0])
     parser.add_argument("--m", type=int, nargs="+", default=[1, 8, 64], help="rows of activations")
     parser.add_argument("--shapes", choices=["all", "default", "7b"], default="all")
     parser.add_argument("--isa", nargs="+", help="kernel variants to time (default: all this CPU runs)")

@@ -6,11 +6,11 @@ import pytest
 from torch import nn
 
 import quant
-from app.engine import profile
 from app.engine.llama_runner import LlamaRunner
-from app.engine.profile import linear_layers, profile_precision
 from app.engine.runner import ModelRunner
 from quant.checkpoints import load_float_model
+from tools import decode_profile as profile
+from tools.decode_profile import linear_layers, profile_precision
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])

@@ -1,5 +1,0 @@
-import sys
-
-from app.bench.cli import main
-
-sys.exit(main())

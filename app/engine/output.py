@@ -1,0 +1,108 @@
+"""The output processor: from a row of logits to the sequence's next `TokenEvent`.
+
+Each sequence keeps its own sampling state (seeded generator, the tokens the
+repetition penalty looks at), detokenizer and stop matcher; the processor
+chooses the token, turns it into text, and decides whether the sequence ends.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Any
+
+import torch
+
+from app.engine.detokenizer import IncrementalDetokenizer
+from app.engine.events import Finish, FinishReason, TokenEvent
+from app.engine.sampling import choose_token
+from app.engine.scheduler import GenerationRequest
+from app.engine.stops import StopMatcher
+
+
+class SamplingFailed(Exception):
+    """Choosing the next token failed (the cause is chained); only this sequence is affected."""
+
+
+class SequenceState:
+    """Output-side state of one running sequence."""
+
+    def __init__(self, request: GenerationRequest, tokenizer: Any, device: torch.device, admitted_at: float) -> None:
+        params = request.params
+        self.request = request
+        self.admitted_at = admitted_at
+        self.seed = params.seed
+        self.generator: torch.Generator | None = None
+        if params.sampling:
+            self.seed = params.seed if params.seed is not None else secrets.randbits(63)
+            self.generator = torch.Generator(device=device).manual_seed(self.seed)
+        # prompt and output tokens, kept only when the repetition penalty needs them
+        self.seen = list(request.prompt_ids) if params.repetition_penalty is not None else None
+        self.detokenizer = IncrementalDetokenizer(tokenizer)
+        self.stops = StopMatcher(params.stop)
+        self.generated = 0
+        self.last_token = -1
+        self.first_token_at: float | None = None
+
+
+class OutputProcessor:
+    """Samples, detokenizes, matches stop sequences and decides the finish, for any number of sequences."""
+
+    def __init__(self, tokenizer: Any, eos_token_ids: set[int], device: torch.device) -> None:
+        self.tokenizer = tokenizer
+        self.eos_token_ids = eos_token_ids
+        self.device = device
+        self._special_ids = set(getattr(tokenizer, "all_special_ids", []))
+        self._no_tokens = torch.empty(0, dtype=torch.long, device=device)
+
+    def open(self, request: GenerationRequest, admitted_at: float) -> SequenceState:
+        """The state of a sequence that was just admitted (its generator is seeded here)."""
+        return SequenceState(request, self.tokenizer, self.device, admitted_at)
+
+    def process(self, state: SequenceState, logits: torch.Tensor) -> TokenEvent:
+        """Choose the next token from a 1-D logits row and return its event, with `finish` set on the last one."""
+        token, logprob = self._sample(state, logits)
+        state.generated += 1
+        state.last_token = token
+        state.first_token_at = state.first_token_at or time.perf_counter()
+        if state.seen is not None:
+            state.seen.append(token)
+        params = state.request.params
+        reason = None
+        if token in self.eos_token_ids and not params.ignore_eos:
+            text, visible, reason = "", state.stops.flush(), FinishReason.EOS_TOKEN
+        else:
+            text = state.detokenizer.push(token)
+            visible = state.stops.push(text)
+            if state.stops.stopped:
+                reason = FinishReason.STOP_SEQUENCE
+            elif state.generated >= params.max_new_tokens:
+                visible += state.stops.flush()
+                reason = FinishReason.LENGTH
+        special = token in self._special_ids or token in self.eos_token_ids
+        event = TokenEvent(state.generated - 1, token, text, visible, logprob, special)
+        if reason is not None:
+            event.finish = self._finish(state, reason)
+        return event
+
+    def _sample(self, state: SequenceState, logits: torch.Tensor) -> tuple[int, float]:
+        seen = self._no_tokens if state.seen is None else torch.tensor(state.seen, device=self.device)
+        try:
+            return choose_token(logits, state.request.params, state.generator, seen)
+        except Exception as error:
+            raise SamplingFailed(f"sampling failed: {error}") from error
+
+    @staticmethod
+    def _finish(state: SequenceState, reason: FinishReason) -> Finish:
+        request = state.request
+        arrived = request.enqueued_at
+        return Finish(
+            generated_text=state.stops.text,
+            finish_reason=reason,
+            generated_tokens=state.generated,
+            prompt_tokens=len(request.prompt_ids),
+            seed=state.seed,
+            queue_seconds=state.admitted_at - arrived,
+            first_token_seconds=(state.first_token_at or state.admitted_at) - arrived,
+            total_seconds=time.perf_counter() - arrived,
+        )
