@@ -18,7 +18,7 @@ from typing import Any
 import app
 from app.engine.engine import Engine, EngineOverloaded, EngineStopped, EventStream, GenerationRequest
 from app.engine.events import ErrorEvent, ErrorKind, Finish
-from app.engine.runner import ModelRunner, make_runner
+from app.engine.runner import ModelRunner, make_runner, runner_name
 from app.engine.sampling import SamplingParams
 from app.errors import (
     GenerationError,
@@ -62,6 +62,7 @@ class ModelService:
         self.metrics = ServiceMetrics(model=self.model_name, precision=settings.precision)
         self._ready = threading.Event()
         self.ready_seconds: float | None = None
+        self.runner: str | None = None  # the decode path: "native", "lean" or "transformers"
         self.started_at = int(time.time())
 
     @property
@@ -96,6 +97,7 @@ class ModelService:
             self._ready.set()
             return
         self.loaded, self.engine = loaded, engine
+        self.runner = runner_name(engine.runner)
         self.metrics.set_model_info(loaded.report, loaded.device)
         self.ready_seconds = time.perf_counter() - started
         self.state = State.READY
@@ -237,6 +239,8 @@ class ModelService:
             data.update(
                 backend=report.backend,
                 kernels=report.kernels,
+                runner=self.runner,
+                lm_head=report.lm_head,
                 device=str(self.loaded.device),
                 compute_dtype=report.compute_dtype,
                 weight_bytes=report.total_weight_bytes,

@@ -12,7 +12,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 import quant
 from quant.checkpoints import DEFAULT_CACHE_DIR, DEFAULT_MODEL
-from quant.config import QuantOptions, check_knob, split_patterns
+from quant.config import QuantOptions, check_knob, normalize_knob, split_patterns
 
 _HOST = re.compile(r"[0-9A-Za-z.:\-\[\]]+")  # IPv4, IPv6 or a DNS name; resolving is uvicorn's job
 _LIST_KNOBS = tuple(name for name, kind in QuantOptions.knob_types().items() if kind == tuple[str, ...])
@@ -60,6 +60,7 @@ class _ServiceSettings(BaseSettings):
     @field_validator(*QuantOptions.knob_names(), check_fields=False)
     @classmethod
     def _valid_knob(cls, value: object, info: ValidationInfo) -> object:
+        value = normalize_knob(info.field_name, value)
         check_knob(info.field_name, value)
         return value
 

@@ -14,6 +14,7 @@ from torch import nn
 from quant.config import QuantConfig
 from quant.kernels import REFERENCE
 from quant.layers.base import QuantizedLinear
+from quant.layers.int8_grouped import Int8G32Embedding, Int8G32Linear
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class QuantReport:
     layers_fallback: int = 0
     fallback_examples: list[str] = field(default_factory=list)  # the first few fallen-back layers
     kernels: dict[str, int] = field(default_factory=dict)
+    lm_head: str = "float"  # what the output head is: "float", a mode's name, or "int8-g32 (shared ...)"
     layer_errors: list[LayerError] = field(default_factory=list)
 
     @property
@@ -142,6 +144,15 @@ def _is_tied_head(model: nn.Module, name: str, module: nn.Module) -> bool:
     return emb is not None and emb.weight.data_ptr() == module.weight.data_ptr()
 
 
+def _tied_head_policy(config: QuantConfig, head: nn.Linear) -> str:
+    """How `quantize_` treats a tied output head: "int8-g32", "mode" (the mode's own layer) or "float"."""
+    if config.quantize_lm_head == "true":
+        return "mode"
+    if config.quantize_lm_head == "auto" and config.device == "cpu" and Int8G32Linear.supports(head.in_features):
+        return "int8-g32"
+    return "float"
+
+
 def _kernel_name(layer: nn.Module) -> str:
     """The name of the kernel object `layer` holds, which is the one its forward calls."""
     if isinstance(layer, QuantizedLinear):
@@ -165,9 +176,12 @@ def quantize_(
     """Apply `config` to `model` in place and report what it did.
 
     Float modes cast the whole model. Other modes replace every nn.Linear and
-    GPT-2 Conv1D that passes `filter_fn(module, name)`, is not matched by
-    `config.skip_modules`, and is not the tied output head (unless
-    `config.quantize_lm_head`, which unties it first).
+    GPT-2 Conv1D that passes `filter_fn(module, name)` and is not matched by
+    `config.skip_modules`. The tied output head follows `config.quantize_lm_head`:
+    "auto" makes it int8 with a scale per 32 inputs (llama.cpp's Q8_0 layout, as llama.cpp
+    stores the head of such models) when the model runs on CPU, and the input embedding then
+    reads the same table, so the model keeps one copy; "true" unties it and applies the mode;
+    "false" (and "auto" off CPU) keeps it float.
     """
     config.check_available()
     compute_dtype = config.compute_dtype()
@@ -219,14 +233,15 @@ def _replace_linears(
         if linear is None or name.startswith(tuple(quantized_prefixes)):
             continue
         tied_head = _is_tied_head(model, name, module)
+        head_policy = _tied_head_policy(config, linear) if tied_head else "mode"
         if (
             (filter_fn is not None and not filter_fn(module, name))
             or _matches(name, config.skip_modules)
-            or (tied_head and not config.quantize_lm_head)
+            or head_policy == "float"
         ):
             report.layers_skipped += 1
             continue
-        new = config.quantize_linear(linear)
+        new = Int8G32Linear.from_linear(linear) if head_policy == "int8-g32" else config.quantize_linear(linear)
         if new is None:
             report.layers_fallback += 1
             if len(report.fallback_examples) < _FALLBACK_EXAMPLES:
@@ -235,6 +250,11 @@ def _replace_linears(
         new.train(module.training)
         if tied_head:
             model.config.tie_word_embeddings = False  # the head is now its own (quantized) tensor
+            if head_policy == "int8-g32":
+                model.set_input_embeddings(Int8G32Embedding(new))  # reads the head's table: one copy
+            report.lm_head = (
+                f"{new.kernel_format} (shared with the embedding)" if head_policy == "int8-g32" else config.name
+            )
         _set_submodule(model, name, new)
         report.layers_quantized += 1
         report.quantized_layers_bytes += module_bytes(new)

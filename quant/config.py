@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 GROUP_SIZES = (32, 64, 128)  # group sizes the 4-bit storage and kernels take
 FP8_FORMATS = ("e4m3", "e5m2")
+LM_HEAD_CHOICES = ("auto", "true", "false")
 _MODULE_PATTERN = re.compile(r"[\w.*?\[\]]+")  # a module name, or an fnmatch pattern of names
 
 
@@ -41,12 +42,18 @@ class QuantOptions:
     group_size: int = knob(64, "group size of the 4-bit modes", choices=GROUP_SIZES)
     outlier_threshold: float = knob(6.0, "int8-mixed: activation magnitude kept in float", positive=True)
     fp8_format: str = knob("e4m3", "fp8 storage format", choices=FP8_FORMATS)
-    quantize_lm_head: bool = knob(False, "quantize the output head too (it is kept in float otherwise)")
+    quantize_lm_head: str = knob(
+        "auto",
+        "the tied output head: auto = int8 with a scale per 32 (Q8_0 layout) on CPU in quantized modes, "
+        "float otherwise; true = the mode's own format; false = float",
+        choices=LM_HEAD_CHOICES,
+    )
     skip_modules: tuple[str, ...] = knob((), "module name patterns (fnmatch) kept in float")
     device: str = "cpu"  # where the model runs: resolved by the caller, not a knob
 
     def __post_init__(self) -> None:
         for name in self.knob_names():
+            object.__setattr__(self, name, normalize_knob(name, getattr(self, name)))
             check_knob(name, getattr(self, name))
 
     @classmethod
@@ -93,6 +100,16 @@ def knob_default(name: str) -> Any:
     return QuantOptions.knobs()[name].default
 
 
+def normalize_knob(name: str, value: object) -> object:
+    """The canonical form of a knob's value: a bool (or "True", "1") for the head's knob becomes "true"/"false"."""
+    if name == "quantize_lm_head":
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, str):
+            return {"1": "true", "0": "false", "yes": "true", "no": "false"}.get(value.lower(), value.lower())
+    return value
+
+
 def check_knob(name: str, value: object) -> None:
     """Raise ValueError (naming the knob and what it accepts) unless `value` is allowed for knob `name`."""
     meta = QuantOptions.knobs()[name].metadata
@@ -130,12 +147,13 @@ class QuantConfig:
     backend: ClassVar[str] = "torch"
     quantizes_activations: ClassVar[bool] = False  # inputs are quantized at run time too (W8A8), not weights only
 
-    quantize_lm_head: bool = False
+    quantize_lm_head: str = knob_default("quantize_lm_head")
     skip_modules: tuple[str, ...] = field(default=())
     device: str = "cpu"
 
     def __post_init__(self) -> None:
         for name in self.knobs_read():
+            object.__setattr__(self, name, normalize_knob(name, getattr(self, name)))
             check_knob(name, getattr(self, name))
 
     @classmethod

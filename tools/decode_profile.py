@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from app.engine.llama_runner import LlamaRunner
+from app.engine.native_runner import NativeRunner, native_unsupported_reason
 from app.engine.runner import HFRunner, ModelRunner
 from app.model_loader import load_model
 from app.settings import load_settings
@@ -84,7 +85,7 @@ def linears_step_ms(
 
 def profile_precision(
     precision: str, steps: int, repeats: int, prompt_tokens: int, clock: Clock = time.perf_counter, **settings: object
-) -> dict[str, dict[str, float]]:
+) -> dict[str, dict[str, float | None]]:
     """Per runner: median ms per step of the total, the linears and the rest, with the total's p10 and p90."""
     loaded = load_model(load_settings(precision=precision, device="cpu", **settings))
     model, device = loaded.model, loaded.device
@@ -93,8 +94,10 @@ def profile_precision(
         "HFRunner": HFRunner(model, device),
         "LlamaRunner": LlamaRunner(model, device, max_slots=1, max_len=prompt_tokens + steps + 1),
     }
+    if native_unsupported_reason(model, prompt_tokens + steps + 1) is None:
+        runners["NativeRunner"] = NativeRunner(model, device, max_slots=1, max_len=prompt_tokens + steps + 1)
     linears = linear_layers(model)
-    dtype = model.get_input_embeddings().weight.dtype
+    dtype = next(model.parameters()).dtype  # the compute dtype (the embedding may be an int8 table)
     timers: dict[str, Callable[[], list[float]]] = {
         name: (lambda r=runner: decode_step_ms(r, prompt, steps, clock)) for name, runner in runners.items()
     }
@@ -110,9 +113,16 @@ def profile_precision(
     for name in runners:
         deciles = statistics.quantiles(samples[name], n=10)
         total = statistics.median(samples[name])
+        if name == "NativeRunner":  # one C++ call on its own repacked weights: no torch linears to subtract
+            rows[name] = {"total": total, "p10": deciles[0], "p90": deciles[-1], "linears": None, "rest": None}
+            continue
         rows[name] = {"total": total, "p10": deciles[0], "p90": deciles[-1], "linears": linears_ms}
         rows[name]["rest"] = total - linears_ms
     return rows
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def main() -> None:
@@ -148,7 +158,7 @@ def main() -> None:
         for name, row in rows.items():
             print(
                 f"| {precision} | {name} | {row['total']:.1f} ({row['p10']:.1f}-{row['p90']:.1f}) "
-                f"| {row['linears']:.1f} | {row['rest']:.1f} | {1e3 / row['total']:.1f} |",
+                f"| {_ms(row['linears'])} | {_ms(row['rest'])} | {1e3 / row['total']:.1f} |",
                 flush=True,
             )
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")

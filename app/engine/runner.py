@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from app.engine.llama_runner import LlamaRunner, unsupported_reason
+from app.engine.native_runner import NativeRunner, native_unsupported_reason
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +75,21 @@ class HFRunner:
 
 
 def make_runner(model: nn.Module, device: torch.device, max_slots: int, max_len: int) -> ModelRunner:
-    """The lean runner for the Llama family; transformers' forward for any other model."""
+    """The best runner that can take `model`: the native decode step, else the lean Llama-family
+    forward, else transformers' forward. Why a better one was not used is logged."""
+    reason = native_unsupported_reason(model, max_len)
+    if reason is None:
+        return NativeRunner(model, device, max_slots, max_len)
+    log.info("native decode step not used (%s)", reason)
     reason = unsupported_reason(model, max_len)
     if reason is None:
         return LlamaRunner(model, device, max_slots, max_len)
     log.info("lean runner not used (%s): running transformers' forward", reason)
     return HFRunner(model, device)
+
+
+def runner_name(runner: ModelRunner) -> str:
+    """What /info reports as the decode path."""
+    if isinstance(runner, NativeRunner):
+        return "native"
+    return "lean" if isinstance(runner, LlamaRunner) else "transformers"

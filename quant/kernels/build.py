@@ -23,8 +23,10 @@ from quant.checkpoints import default_cache_dir
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = ("ops.cpp", "avx2.cpp", "avx512.cpp")
-HEADERS = ("qs_kernels.h", "qs_impl.h")
+# decoder.cpp: the native decode step (quantserve.NativeDecoder / NativeLinear);
+# grouped_ops.cpp: quantserve::int8_g32_linear (the Q8_0-layout output head).
+SOURCES = ("ops.cpp", "avx2.cpp", "avx512.cpp", "decoder.cpp", "grouped_ops.cpp")
+HEADERS = ("qs_kernels.h", "qs_impl.h", "qs_decode_impl.h", "qs_runtime.h")
 # -fopenmp: at::parallel_for is inline; compiled without OpenMP it silently runs on one thread.
 CFLAGS = ("-O3", "-fopenmp")
 LDFLAGS = ("-fopenmp",)

@@ -29,6 +29,7 @@ KNOWN_ISAS = ("avx512vnni", "avx2")  # the library's ISA units, best first (csrc
 # Storage formats (LinearSpec.format); see quant/kernels/__init__.py for their tensors.
 INT8 = "int8"  # int8 [N, K] + float scale [N]; activations stay float
 INT8_DYNAMIC = "int8-dynamic"  # the int8 storage; activations quantized per token at run time
+INT8_G32 = "int8-g32"  # int8 [N, K] + float16 scale per 32 inputs [N, K // 32] (llama.cpp's Q8_0)
 INT4 = "int4"  # packed uint8 [N, K // 2] + float16 scales and mins [N, K // g]
 NF4 = "nf4"  # packed NF4 indices [N, K // 2] + float16 absmax [N, K // block]
 FP8 = "fp8"  # float8 [N, K] + float32 scale [N]
@@ -98,6 +99,13 @@ class ReferenceInt8DynamicKernel(LinearKernel):
 
     def __call__(self, x, w_int8, w_scale, bias):
         return reference.int8_dynamic_linear(x, w_int8, w_scale, bias)
+
+
+class ReferenceInt8G32Kernel(LinearKernel):
+    format = INT8_G32
+
+    def __call__(self, x, weight_int8, scales, bias):
+        return reference.int8_g32_linear(x, weight_int8, scales, bias)
 
 
 class ReferenceInt4Kernel(LinearKernel):
@@ -215,6 +223,19 @@ class QuantserveInt8DynamicKernel(QuantserveKernel):
         return None
 
 
+class QuantserveInt8G32Kernel(QuantserveKernel):
+    format = INT8_G32
+    op = "int8_g32_linear"
+    reference_kernel = ReferenceInt8G32Kernel
+
+    def can_take(self, spec: LinearSpec) -> str | None:
+        if spec.scale_dtype != torch.float16:
+            return f"scales of dtype {spec.scale_dtype} (the kernel takes float16)"
+        if spec.in_features % 32:
+            return f"in_features {spec.in_features} is not a multiple of 32"
+        return None
+
+
 class QuantserveInt4Kernel(QuantserveKernel):
     format = INT4
     op = "int4_linear"
@@ -232,6 +253,7 @@ class QuantserveInt4Kernel(QuantserveKernel):
 CANDIDATES: dict[str, tuple[type[LinearKernel], ...]] = {
     INT8: (QuantserveInt8Kernel, ReferenceInt8Kernel),
     INT8_DYNAMIC: (QuantserveInt8DynamicKernel, ReferenceInt8DynamicKernel),
+    INT8_G32: (QuantserveInt8G32Kernel, ReferenceInt8G32Kernel),
     INT4: (QuantserveInt4Kernel, ReferenceInt4Kernel),
     NF4: (ReferenceNF4Kernel,),
     FP8: (ReferenceFp8Kernel,),

@@ -93,6 +93,7 @@ def _register_fakes() -> None:
     def linear_out(x: torch.Tensor, n: int) -> torch.Tensor:
         return x.new_empty((*x.shape[:-1], n))
 
+    torch.library.register_fake("quantserve::int8_g32_linear")(lambda x, w, s, b: linear_out(x, w.shape[0]))
     torch.library.register_fake("quantserve::int8_linear")(lambda x, w, s, b: linear_out(x, w.shape[0]))
     torch.library.register_fake("quantserve::int8_dynamic_linear")(lambda x, w, s, b: linear_out(x, w.shape[0]))
     torch.library.register_fake("quantserve::int4_linear")(lambda x, p, s, m, g, b: linear_out(x, p.shape[0]))

@@ -65,3 +65,16 @@ def fp8_linear(
 ) -> torch.Tensor:
     """y = (x · upcast(weight_fp8)ᵀ) * scale + bias (float8 matmuls need float8 activations and recent GPUs)."""
     return _add_bias(F.linear(x, weight_fp8.to(x.dtype)) * scale.to(x.dtype), bias)
+
+
+def dequantize_int8_g32(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """w[n, k] = codes[n, k] * scales[n, k // 32] (llama.cpp's Q8_0 layout)."""
+    n, k = codes.shape
+    return (codes.float().reshape(n, k // 32, 32) * scales.float()[..., None]).reshape(n, k)
+
+
+def int8_g32_linear(
+    x: torch.Tensor, weight_int8: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """y = x · dequant(weight_int8, scales)ᵀ + bias."""
+    return _add_bias(F.linear(x, dequantize_int8_g32(weight_int8, scales).to(x.dtype)), bias)

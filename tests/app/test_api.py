@@ -271,7 +271,8 @@ def test_info_reports_int8_layers(make_client):
     q = info["quantization"]
     assert info["precision"] == "int8"
     assert q["layers_quantized"] > 0
-    assert q["layers_skipped"] >= 1  # the tied lm_head stays float
+    # the tied lm_head becomes int8 g32 (QS_QUANTIZE_LM_HEAD=auto): nothing is left float
+    assert q["layers_skipped"] == 0 and info["lm_head"] == "int8-g32 (shared with the embedding)"
     assert 0 < q["quantized_ratio"] < 0.35
     assert q["errors"]["mean_sqnr_db"] > 30
 

@@ -42,7 +42,7 @@ INVALID: dict[str, tuple[str, str]] = {
     "QS_GROUP_SIZE": ("48", "32, 64 or 128"),
     "QS_OUTLIER_THRESHOLD": ("-1", "greater than 0"),
     "QS_FP8_FORMAT": ("e3m4", "e4m3 or e5m2"),
-    "QS_QUANTIZE_LM_HEAD": ("maybe", "valid boolean"),
+    "QS_QUANTIZE_LM_HEAD": ("maybe", "auto, true or false"),
     "QS_SKIP_MODULES": ("lm head", "module name pattern"),
     "QS_LOG_LEVEL": ("verbose", "'debug'"),
     "QS_KERNELS": ("fast", "'reference'"),
@@ -134,6 +134,7 @@ def int4_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
         "QS_REQUEST_TIMEOUT": "45.5",
         "QS_API_KEY": "s3cret",
         "QS_SKIP_MODULES": "*.down_proj",
+        "QS_QUANTIZE_LM_HEAD": "false",
         "QS_KERNEL_ISA": "avx2",
         "QS_LOG_LEVEL": "debug",
     }
@@ -151,7 +152,8 @@ def test_int4_process_takes_its_settings(int4_server: tuple[str, Path], tiny_mod
     assert info["scheduler"]["max_batch_size"] == 3
     assert info["scheduler"]["max_queue"] == 1
     assert info["scheduler"]["request_timeout"] == 45.5
-    # QS_SKIP_MODULES: both down projections stay float, with the tied head
+    # QS_SKIP_MODULES: both down projections stay float, with the tied head (QS_QUANTIZE_LM_HEAD=false)
+    assert info["lm_head"] == "float" and info["options"]["quantize_lm_head"] == "false"
     assert info["quantization"]["layers_quantized"] == TINY_LINEARS - 2
     assert info["quantization"]["layers_skipped"] == 2 + 1
     assert info["options"]["kernel_isa"] == "avx2"
@@ -192,8 +194,9 @@ def test_fp8_process_takes_format_head_and_threshold(tiny_model_dir: Path, tmp_p
 
 @pytest.mark.real_model
 def test_default_model_int4_g32_is_exact_and_json_safe(tmp_path: Path) -> None:
-    """On the default model, int4 at group 32 lands on the GGUF's own 4-bit grid: every layer is
-    reproduced exactly, and /info must still answer valid JSON (no Infinity)."""
+    """On the default model, int4 at group 32 lands on the GGUF's own 4-bit grid and the int8 g32
+    head on its Q8_0 token_embd: every layer is reproduced exactly, and /info must still answer
+    valid JSON (no Infinity)."""
     cache = tmp_path / "cache"
     env = {"QS_PRECISION": "int4", "QS_GROUP_SIZE": "32", "QS_CACHE_DIR": str(cache), "QS_KERNELS": "reference"}
     with serve_process(env, tmp_path / "server.log") as (base_url, _):
@@ -206,7 +209,9 @@ def test_default_model_int4_g32_is_exact_and_json_safe(tmp_path: Path) -> None:
     assert "Infinity" not in response.text
     errors = info["quantization"]["errors"]
     assert errors["exact"] is True and errors["mean_sqnr_db"] is None
-    assert errors["exact_layers"] == info["quantization"]["layers_quantized"] == 30 * 7
-    assert info["kernels"] == {"reference": 30 * 7}  # QS_KERNELS=reference
+    assert errors["exact_layers"] == info["quantization"]["layers_quantized"] == 30 * 7 + 1  # + the head
+    assert info["lm_head"] == "int8-g32 (shared with the embedding)"  # QS_QUANTIZE_LM_HEAD=auto
+    assert info["kernels"] == {"reference": 30 * 7 + 1}  # QS_KERNELS=reference
+    assert info["runner"] == "lean"  # the native decode step needs the kernels
     assert generated.status_code == 200
     assert list(cache.glob("**/config.json")), list(cache.iterdir())  # QS_CACHE_DIR holds the converted model

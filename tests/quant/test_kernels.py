@@ -323,7 +323,9 @@ def test_real_model_tracks_the_reference_path(real_model, ops, mode: str) -> Non
     """
     from pydoc_data.topics import topics
 
-    loaded = real_model(mode)
+    # int8-dynamic's bound holds where every layer rounds activations as its reference does: the
+    # int8 g32 head (QS_QUANTIZE_LM_HEAD=auto) rounds them per block in the kernel only, so keep it float
+    loaded = real_model(mode, quantize_lm_head="false") if mode == "int8-dynamic" else real_model(mode)
     assert all(name.startswith("quantserve-") for name in loaded.report.kernels), loaded.report.kernels
     ids = loaded.tokenizer(topics["assert"], return_tensors="pt").input_ids[:, :256]
     with torch.inference_mode():

@@ -13,6 +13,7 @@ from torch import nn
 import quant
 from app.model_loader import LoadedModel
 from quant.layers.base import QuantizedLinear
+from quant.layers.int8_grouped import Int8G32Embedding, Int8G32Linear
 from tests.conftest import greedy_complete
 from tests.support import tiny_shapes as tiny
 from tests.support.modes import ALL_MODES, BNB_MODES, FLOAT_MODES, ISSUE_FLOAT_MODES, QUANTIZED_MODES, bits
@@ -138,12 +139,12 @@ def tiny_gpt2() -> nn.Module:
 
 
 @pytest.mark.parametrize("mode", [mode_param(m) for m in QUANTIZED_MODES])
-def test_gpt2_conv1d_quantized_and_tied_head_kept_float(mode: str) -> None:
+def test_gpt2_conv1d_quantized_and_tied_head_kept_float_when_asked(mode: str) -> None:
     model = tiny_gpt2()
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         exact = model(ids).logits
-    report = quant.quantize_(model, quant.make_config(mode))
+    report = quant.quantize_(model, quant.make_config(mode, quant.QuantOptions(quantize_lm_head="false")))
     # 4 Conv1D per block (c_attn, attn c_proj, c_fc, mlp c_proj); the tied head is skipped
     assert (report.layers_quantized, report.layers_skipped, report.layers_fallback) == (8, 1, 0)
     assert isinstance(model.transformer.h[0].attn.c_attn, QuantizedLinear)
@@ -154,6 +155,36 @@ def test_gpt2_conv1d_quantized_and_tied_head_kept_float(mode: str) -> None:
         assert relative_error(model(ids).logits, exact) <= 2 * LAYER_ERROR_BOUND[mode]
     assert quant.module_bytes(model) == report.total_weight_bytes  # serving did not change the storage
     assert len(report.layer_errors) == 8 and all(e.sqnr_db > 10 for e in report.layer_errors)
+
+
+@pytest.mark.parametrize("mode", [mode_param(m) for m in QUANTIZED_MODES])
+def test_tied_head_becomes_int8_g32_by_default_and_the_embedding_reads_its_table(mode: str) -> None:
+    model = tiny_gpt2()
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    float_head = model.lm_head.weight.detach().clone()
+    report = quant.quantize_(model, quant.make_config(mode))
+    assert (report.layers_quantized, report.layers_skipped, report.layers_fallback) == (9, 0, 0)
+    assert isinstance(model.lm_head, Int8G32Linear) and report.lm_head == "int8-g32 (shared with the embedding)"
+    embedding = model.get_input_embeddings()
+    assert isinstance(embedding, Int8G32Embedding)
+    # one table: the embedding's buffers are the head's tensors, and the bytes count them once
+    assert embedding.weight_int8.data_ptr() == model.lm_head.weight_int8.data_ptr()
+    assert embedding.scales.data_ptr() == model.lm_head.scales.data_ptr()
+    assert quant.module_bytes(model) == report.total_weight_bytes
+    # rows read back the head's de-quantized weight, within half a step of the float one
+    rows = embedding(torch.arange(128))
+    assert torch.equal(rows, model.lm_head.dequantize_weight())
+    step = model.lm_head.scales.float().repeat_interleave(32, dim=1)
+    assert ((rows - float_head).abs() <= step / 2 + 1e-6).all()
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
+
+
+def test_quantize_lm_head_false_keeps_the_tied_head_float_in_every_way() -> None:
+    model = tiny_gpt2()
+    report = quant.quantize_(model, quant.make_config("int4", quant.QuantOptions(quantize_lm_head=False)))
+    assert report.lm_head == "float" and type(model.lm_head) is nn.Linear
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
@@ -176,7 +207,8 @@ def load_tiny(tiny_model_dir: Path) -> nn.Module:
 
 def test_skip_modules_keep_matching_layers_float(tiny_model_dir: Path) -> None:
     model = load_tiny(tiny_model_dir)
-    options = quant.QuantOptions(skip_modules=("down_proj", "model.layers.0.self_attn.*"))
+    # the tied head kept float (its default, int8 g32, has its own test): hand counts below
+    options = quant.QuantOptions(skip_modules=("down_proj", "model.layers.0.self_attn.*"), quantize_lm_head=False)
     report = quant.quantize_(model, quant.make_config("int8", options))
     layers = model.model.layers
     assert type(layers[0].mlp.down_proj) is nn.Linear and type(layers[0].self_attn.q_proj) is nn.Linear
@@ -201,7 +233,7 @@ def test_shapes_the_kernel_cannot_take_fall_back_and_are_counted(
     tiny_model_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     model = load_tiny(tiny_model_dir)  # hidden 64, intermediate 128
-    options = quant.QuantOptions(group_size=128)
+    options = quant.QuantOptions(group_size=128, quantize_lm_head=False)
     with caplog.at_level(logging.WARNING, logger="quant.api"):
         report = quant.quantize_(model, quant.make_config("int4", options))
     # only down_proj (128 inputs) fits groups of 128; the 6 linears with 64 inputs per layer fall back
@@ -268,10 +300,16 @@ def test_real_model_mode_answers_paris(mode: str, real_model: Callable[..., Load
     if mode in FLOAT_MODES:
         assert report.layers_quantized == 0
         return
-    # 30 blocks x 7 linears quantized; the tied lm_head stays float
-    assert (report.layers_quantized, report.layers_skipped, report.layers_fallback) == (210, 1, 0)
-    assert report.quantized_ratio <= BYTES_RATIO_BOUND[mode]
-    assert type(loaded.model.lm_head) is nn.Linear
+    # 30 blocks x 7 linears in the mode, and the tied head as int8 g32 (QS_QUANTIZE_LM_HEAD=auto)
+    assert (report.layers_quantized, report.layers_skipped, report.layers_fallback) == (211, 0, 0)
+    assert type(loaded.model.lm_head) is Int8G32Linear
+    # the mode's own storage meets its budget (the head is int8, whatever the mode)
+    body = [m for n, m in loaded.model.named_modules() if isinstance(m, QuantizedLinear) and n != "lm_head"]
+    body_fp32 = sum(m.in_features * m.out_features * 4 for m in body)
+    assert quant.module_bytes(nn.ModuleList(body)) / body_fp32 <= BYTES_RATIO_BOUND[mode]
+    # the GGUF stores token_embd as Q8_0, which this layout reproduces exactly
+    head_error = next(e for e in report.layer_errors if e.name == "lm_head")
+    assert head_error.exact
 
 
 @pytest.mark.parametrize("first", ["int8", mode_param("bnb-int8")])

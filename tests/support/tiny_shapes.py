@@ -47,6 +47,12 @@ def fp32_model_bytes() -> int:
     return always_float_bytes() + LAYERS * sum(float_linear_bytes(n) for n in LINEARS)
 
 
+def int8_g32_head_bytes() -> int:
+    """The tied head as int8 with one float16 scale per 32 inputs; the embedding reads the same table."""
+    return VOCAB * HIDDEN + VOCAB * (HIDDEN // 32) * 2
+
+
 def int8_model_bytes() -> int:
-    """Every linear of every layer in int8; the tied head stays float."""
-    return always_float_bytes() + LAYERS * sum(int8_linear_bytes(n) for n in LINEARS)
+    """Every linear of every layer in int8; the tied head int8 g32 (QS_QUANTIZE_LM_HEAD=auto), norms float."""
+    float_bytes = always_float_bytes() - EMBEDDING * FP32
+    return float_bytes + int8_g32_head_bytes() + LAYERS * sum(int8_linear_bytes(n) for n in LINEARS)

@@ -9,10 +9,14 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
+import torch
+
 import quant
 from quant.checkpoints import DEFAULT_MODEL, default_cache_dir
+from tools.bench.compare import counterpart_pairs
+from tools.bench.llamacpp import LlamaCpp, PeerError, gguf_for
 from tools.bench.machine import describe_machine, load_average
-from tools.bench.report import render_table, write_report
+from tools.bench.report import render_comparison, render_table, write_report
 from tools.bench.run import BenchOptions, BenchRun, available_modes, run_bench
 
 DEFAULT_MAX_TOKENS = 4096
@@ -64,7 +68,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stream-tokens", type=_count(1), default=64, help="tokens each stream asks for")
     parser.add_argument("--requests-per-client", type=_count(1), default=1, help="streamed requests per client")
     parser.add_argument("--no-serve", action="store_true", help="skip the server phase")
-    parser.add_argument("--no-peer", action="store_true", help="skip the llama.cpp row")
+    peer = parser.add_argument_group(
+        "llama.cpp peer",
+        "With --llama-cpp DIR, the same run measures llama.cpp's counterpart of each mode (fp32: F32, int8: Q8_0, "
+        "int4: Q4_0 and the GGUF as shipped): files made from the model's GGUF with llama-quantize "
+        "--allow-requantize (cached under the cache directory), decode and prefill from llama-bench, "
+        "the 1-stream and N-stream rows from llama-server -np N driven by the same load generator.",
+    )
+    peer.add_argument(
+        "--llama-cpp",
+        type=Path,
+        metavar="DIR",
+        help="folder with llama.cpp's llama-bench, llama-server and llama-quantize, or with a `run` wrapper "
+        "(`DIR/run llama-bench ...`), e.g. ../shared/peers/llama.cpp",
+    )
+    peer.add_argument(
+        "--llama-cpp-threads", type=_count(1), help="llama.cpp's -t (default: torch's threads, as our modes run)"
+    )
+    peer.add_argument("--llama-cpp-repeats", type=_count(1), default=3, help="llama-bench -r (default: %(default)s)")
+    peer.add_argument(
+        "--llama-cpp-context",
+        type=_count(1),
+        help="llama-server -c, shared by its slots (default: --concurrency x max(1024, --stream-tokens + 256))",
+    )
     parser.add_argument("--mode-timeout", type=float, default=1800.0, help="seconds before a mode's worker is killed")
     return parser
 
@@ -92,6 +118,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown mode(s) {', '.join(unknown)}; accepted: {', '.join(quant.list_modes())}")
     ready, unavailable = available_modes(device)
     modes = requested or ready
+    if args.llama_cpp is not None:
+        try:
+            LlamaCpp.find(args.llama_cpp)
+        except PeerError as error:
+            parser.error(f"--llama-cpp: {error}")
+        if gguf_for(args.model) is None:
+            parser.error(f"--llama-cpp needs a GGUF model; {args.model!r} is not one")
 
     options = BenchOptions(
         model=args.model,
@@ -108,8 +141,11 @@ def main(argv: list[str] | None = None) -> int:
         stream_tokens=args.stream_tokens,
         requests_per_client=args.requests_per_client,
         serve=not args.no_serve,
-        peer=not args.no_peer,
         mode_timeout=args.mode_timeout,
+        llama_cpp=args.llama_cpp,
+        llama_cpp_threads=args.llama_cpp_threads or torch.get_num_threads(),
+        llama_cpp_repeats=args.llama_cpp_repeats,
+        llama_cpp_context=args.llama_cpp_context,
     )
     machine = describe_machine()
     created = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -125,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     run = run_bench(options, on_row=write)  # a report after every mode: an interrupted run keeps its rows
     path = write(run)
     print(render_table(run.rows, options.concurrency))
+    if counterpart_pairs(run.rows):
+        print(render_comparison(run.rows, options.concurrency))
     print(f"report: {path}")
     return 0 if all(row.status == "ok" for row in run.rows) else 1
 

@@ -10,7 +10,8 @@ from typing import Any
 
 from quant import REFERENCE_MODE
 from quant.checkpoints import DEFAULT_MODEL, DEFAULT_MODEL_ID
-from tools.bench.results import BenchRow
+from tools.bench.compare import RATIO_FIELDS, counterpart_pairs, unpaired_modes
+from tools.bench.results import PEER_ENGINE, BenchRow
 from tools.bench.run import BenchRun
 
 MIB = 2**20
@@ -34,6 +35,7 @@ def results_document(run: BenchRun, machine: dict[str, Any], command: str, creat
         "options": options,
         "reference": run.reference.to_dict() if run.reference else None,
         "rows": [row.to_dict() for row in run.rows],
+        "comparison": [pair.to_dict() for pair in counterpart_pairs(run.rows)],  # ours / llama.cpp
         "skipped": run.skipped,
         "seconds": run.seconds,
         "charts": CHARTS,
@@ -76,9 +78,9 @@ def _percent(value: float | None, signed: bool = False) -> str:
 
 
 TABLE_HEADER = (
-    "| mode | weights MiB | × fp32 | peak RSS MiB | load s | prefill tok/s | decode tok/s | "
+    "| mode | weights MiB | × fp32 | peak RSS MiB | load s | prefill tok/s | decode tok/s | 1-stream tok/s | "
     "{concurrency}-stream tok/s | TTFT p50/p95 ms | TPOT p50/p95 ms | perplexity | Δ ppl | top-1 agree |\n"
-    "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n"
+    "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n"
 )
 
 
@@ -92,6 +94,7 @@ def table_row(row: BenchRow) -> str:
         _num(row.load_seconds),
         _num(row.prefill_tok_s),
         _num(row.decode_tok_s),
+        _num(row.single_stream_tok_s),
         _num(row.serve_tok_s),
         _ms_pair(row.ttft_p50_s, row.ttft_p95_s),
         _ms_pair(row.tpot_p50_s, row.tpot_p95_s),
@@ -111,16 +114,18 @@ def _loads(values: list[float]) -> str:
 
 
 PHASES = ("load", "prefill", "decode", "quality", "serve")
+PEER_PHASES = ("quantize", "llama-bench")  # a peer row's phases besides serve
 
 
 def render_phase_table(rows: list[BenchRow]) -> str:
     """Where the run's time went, per mode (this is what a time budget for the comparison is made of)."""
+    phases = PHASES + (PEER_PHASES if any(row.is_peer for row in rows) else ())
     lines = [
-        "| mode | " + " | ".join(PHASES) + " | total |",
-        "|---|" + "--:|" * (len(PHASES) + 1),
+        "| mode | " + " | ".join(phases) + " | total |",
+        "|---|" + "--:|" * (len(phases) + 1),
     ]
     for row in rows:
-        cells = [_num(row.phase_seconds.get(phase), 0) for phase in PHASES]
+        cells = [_num(row.phase_seconds.get(phase), 0) for phase in phases]
         lines.append(f"| {row.label} | " + " | ".join(cells) + f" | {sum(row.phase_seconds.values()):,.0f} |")
     return "\n".join(lines) + "\n"
 
@@ -172,11 +177,86 @@ def render_markdown(document: dict[str, Any]) -> str:
     reference = document["reference"]
     if reference and reference["status"] != "ok":
         parts.append(f"\nThe {REFERENCE_MODE} reference failed ({reference['error']}): no ratios or agreement.\n")
+    if any(row.is_peer for row in rows) or PEER_ENGINE in document["skipped"]:
+        parts.append(render_peer_section(rows, options, document["machine"]))
     parts.append(_method(options, document))
     parts.append("\n## Time per phase (s)\n\n" + render_phase_table(rows))
     parts.append("\n## Machine\n\n" + "\n".join(_machine_lines(document["machine"])) + "\n")
     parts.append("\n## Charts\n\n" + "".join(f"![{name}]({file})\n" for name, file in document["charts"].items()))
     return re.sub(r"\n{3,}", "\n\n", "\n".join(parts))  # sections bring their own blank lines
+
+
+def _ratio(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}×"
+
+
+def render_comparison(rows: list[BenchRow], concurrency: int) -> str:
+    """Each of our modes next to its llama.cpp counterpart: ours / theirs, and the ratio."""
+    names = {"N streams": f"{concurrency} streams"}
+    header = "| mode | llama.cpp | " + " | ".join(
+        f"{names.get(column, column)} tok/s: ours / llama.cpp = ×" for _, column in RATIO_FIELDS
+    )
+    lines = [header + " |", "|---|---|" + "--:|" * len(RATIO_FIELDS)]
+    for pair in counterpart_pairs(rows):
+        cells = [pair.ours.label, pair.theirs.gguf_type or "?"]
+        for name, _ in RATIO_FIELDS:
+            ours, theirs = getattr(pair.ours, name), getattr(pair.theirs, name)
+            cells.append(f"{_num(ours)} / {_num(theirs)} = {_ratio(pair.ratio(name))}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _stat(stat: dict[str, Any] | None) -> str:
+    if not stat:
+        return "–"
+    return f"{stat['avg_ts']:,.1f} ± {stat['stddev_ts']:,.1f} ({stat['median_ts']:,.1f})"
+
+
+def render_peer_table(rows: list[BenchRow]) -> str:
+    """What llama-bench gave for each peer file (mean ± sd, median in brackets) and how each file was made."""
+    lines = [
+        "| llama.cpp file | made | weights MiB | CPU back end | prefill tok/s | decode tok/s |",
+        "|---|---|--:|---|--:|--:|",
+    ]
+    for row in rows:
+        if not row.is_peer:
+            continue
+        bench = row.peer.get("llama_bench", {})
+        label = row.gguf_type if row.status == "ok" else f"{row.gguf_type} (failed)"
+        cells = [label, row.peer.get("made", "–"), _mib(row.weight_bytes), row.backend or "–"]
+        cells += [_stat(bench.get("prefill")), _stat(bench.get("decode"))]
+        lines.append("| " + " | ".join(str(cell) for cell in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _cpu_line(machine: dict[str, Any]) -> str:
+    flags = ", ".join(machine.get("cpu_flags") or []) or "none of interest"
+    return f"{machine['cpu_model']} ({flags})"
+
+
+def render_peer_section(rows: list[BenchRow], options: dict[str, Any], machine: dict[str, Any]) -> str:
+    peers = [row for row in rows if row.is_peer]
+    backends = sorted({row.backend for row in peers if row.backend})
+    parts = [
+        f"\n## Against {PEER_ENGINE}, measured in the same run\n",
+        f"CPU: {_cpu_line(machine)}. llama.cpp from `{options['llama_cpp']}`, "
+        f"{options['llama_cpp_threads']} threads, CPU back end loaded: {', '.join(backends) or 'not named in its log'}.\n",
+    ]
+    if not peers:
+        parts.append("No llama.cpp row was measured (see *Not run*).\n")
+        return "\n".join(parts)
+    if counterpart_pairs(rows):
+        parts.append(render_comparison(rows, options["concurrency"]))
+    unpaired = unpaired_modes(rows)
+    if unpaired:
+        parts.append(f"No llama.cpp counterpart: {', '.join(unpaired)}.\n")
+    parts.append(
+        f"\nllama-bench (`-t {options['llama_cpp_threads']} -p {options['prompt_tokens']} "
+        f"-n {options['decode_tokens']} -r {options['llama_cpp_repeats']}`): mean ± sd over its repetitions, "
+        "median in brackets; the ratios above use the mean.\n"
+    )
+    parts.append(render_peer_table(rows))
+    return "\n".join(parts)
 
 
 def _method(options: dict[str, Any], document: dict[str, Any]) -> str:
@@ -192,15 +272,28 @@ def _method(options: dict[str, Any], document: dict[str, Any]) -> str:
         f"- **prefill tok/s**: one {options['prompt_tokens']}-token prompt, best of {options['prefill_repeats']}; "
         f"**decode tok/s**: {options['decode_tokens']} greedy steps at batch 1 after an 8-token prompt, "
         "through the engine's model runner, EOS ignored.",
-        f"- **{options['concurrency']}-stream tok/s**, TTFT, TPOT: the real `quantserve` process for the mode on a loopback port, "
-        f"{options['concurrency']} concurrent streams of up to {options['stream_tokens']} tokens each, driven by "
-        "the load generator; tok/s is generated tokens over wall time; TPOT is the time per output token after "
-        "the first.",
+        f"- **1-stream tok/s**, **{options['concurrency']}-stream tok/s**, TTFT, TPOT: the real `quantserve` process "
+        f"for the mode on a loopback port, one stream, then {options['concurrency']} concurrent streams, of "
+        f"{options['stream_tokens']} tokens each (greedy, EOS ignored), driven by the load generator "
+        "(`tools.loadgen`); tok/s is generated tokens over wall time; TTFT and TPOT (the time per output token "
+        "after the first) are those of the concurrent streams.",
         f"- **perplexity**, **top-1 agree** (share of positions whose most likely next token equals {REFERENCE_MODE}'s): "
         f"`tools.quality` over the first {options['max_tokens']} tokens of {text}; Δ ppl is relative to "
         f"{REFERENCE_MODE}.",
         "- Timings come from one run on a shared machine: compare modes within this table, not across runs.",
     ]
+    if options.get("llama_cpp"):
+        lines += [
+            f"- **{PEER_ENGINE} rows** (no precision mode; named by file type): F32, Q8_0 and Q4_0 made from the "
+            "model's GGUF with `llama-quantize --allow-requantize` (speed comparisons only; cached under the "
+            "cache directory), and the GGUF as shipped. Weights MiB is llama-bench's model size; prefill and "
+            f"decode are `llama-bench -p {options['prompt_tokens']} -n {options['decode_tokens']}` (random "
+            "tokens, decode from an empty context, after its warm-up); the stream rows come from "
+            f"`llama-server -np {options['concurrency']} -c {options['llama_cpp_context']}`, "
+            "driven by the same load generator as our server.",
+            "- Pairs: fp32 ↔ F32, int8 ↔ Q8_0, int4 ↔ Q4_0 and Q4_1; ratios are ours / llama.cpp's. Our "
+            "prefill is the best of its runs and our decode one run; llama.cpp's are llama-bench's means.",
+        ]
     if document["model"] == DEFAULT_MODEL:
         lines.append(
             "- The default model's float weights are de-quantized from a Q4_1 GGUF (a 4-bit grid, group 32): "

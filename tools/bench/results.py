@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 ENGINE = "quantserve"  # the engine of every precision-mode row
-PEER_ENGINE = "llama.cpp"  # the optional peer row: another engine on the same GGUF, in none of our modes
+PEER_ENGINE = "llama.cpp"  # the optional peer rows: another engine on the model's GGUF, in none of our modes
 
 
 @dataclass
@@ -17,8 +17,9 @@ class BenchRow:
     status: str = "ok"  # "ok" | "failed"
     error: str | None = None  # "<phase>: <reason>" when failed
     engine: str = ENGINE  # ENGINE | PEER_ENGINE
+    gguf_type: str | None = None  # a peer row's file type (F32, Q8_0, Q4_0, Q4_1...); None for our modes
 
-    # what the mode is (from its QuantReport)
+    # what the mode is (from its QuantReport); a peer row's backend is the CPU back end it loaded
     backend: str | None = None
     bits: float | None = None
     compute_dtype: str | None = None
@@ -39,7 +40,10 @@ class BenchRow:
     decode_tokens: int | None = None
     decode_tok_s: float | None = None
 
-    # speed through the real server process, concurrent streams
+    # speed through the real server process: one stream, then concurrent streams
+    single_stream_tok_s: float | None = None  # one client: generated tokens per second
+    single_stream_ttft_p50_s: float | None = None
+    single_stream_tpot_p50_s: float | None = None
     serve_concurrency: int | None = None
     serve_requests: int | None = None
     serve_generated_tokens: int | None = None
@@ -55,12 +59,18 @@ class BenchRow:
     top1_agreement: float | None = None
     perplexity_increase: float | None = None  # perplexity / reference perplexity - 1
 
-    # wall time of each phase (load, prefill, decode, quality in the worker; serve in the parent)
+    # wall time of each phase (load, prefill, decode, quality in the worker; serve in the parent;
+    # quantize, llama-bench, serve for a peer row)
     phase_seconds: dict[str, float] = field(default_factory=dict)
+
+    # a peer row's details: its file, how it was made, llama-bench's statistics, the server's flags
+    peer: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if (self.mode is None) != self.is_peer:
             raise ValueError(f"a {self.engine} row needs {'no' if self.is_peer else 'a'} precision mode")
+        if self.gguf_type is not None and not self.is_peer:
+            raise ValueError(f"a {self.engine} row has no GGUF type")
 
     @property
     def is_peer(self) -> bool:
@@ -68,8 +78,10 @@ class BenchRow:
 
     @property
     def label(self) -> str:
-        """The row's name in the report: its precision mode, or the peer engine's name."""
-        return self.engine if self.is_peer else self.mode
+        """The row's name in the report: its precision mode, or the peer engine's name and file type."""
+        if not self.is_peer:
+            return self.mode
+        return f"{self.engine} {self.gguf_type}" if self.gguf_type else self.engine
 
     def fail(self, phase: str, reason: str) -> None:
         """Record the first failure; later phases keep what they measured."""
@@ -90,6 +102,6 @@ class BenchRow:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BenchRow:
-        result = cls(mode=data["mode"], engine=data["engine"])
-        result.update({k: v for k, v in data.items() if k not in ("mode", "engine")})
+        result = cls(mode=data["mode"], engine=data["engine"], gguf_type=data.get("gguf_type"))
+        result.update({k: v for k, v in data.items() if k not in ("mode", "engine", "gguf_type")})
         return result

@@ -1,4 +1,5 @@
-"""Run the comparison: one worker process per mode, then the mode's real server under concurrent load."""
+"""Run the comparison: one worker process per mode, then the mode's real server under load; then, with
+`--llama-cpp DIR`, llama.cpp's counterpart files through llama-bench and llama-server, in the same run."""
 
 from __future__ import annotations
 
@@ -10,17 +11,27 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
 import quant
 from quant import REFERENCE_MODE
-from tools.bench.llamacpp import gguf_for, llama_cpp_available
-from tools.bench.results import ENGINE, PEER_ENGINE, BenchRow
-from tools.bench.serving import ServerError, ServerSpec, measure_serving, running_server
+from tools.bench.compare import peer_types
+from tools.bench.llamacpp import (
+    LlamaCpp,
+    PeerError,
+    bench_details,
+    gguf_file_type,
+    gguf_for,
+    loaded_backend,
+    peer_row_values,
+)
+from tools.bench.results import PEER_ENGINE, BenchRow
+from tools.bench.serving import ServerError, ServerSpec, measure_serving, running_llama_server, running_server
 from tools.bench.worker import PROTOCOL_PREFIX, WorkerSpec
 
 
@@ -42,8 +53,18 @@ class BenchOptions:
     context: int = 1024  # quality windows, as `tools.quality`'s defaults
     stride: int = 768
     serve: bool = True
-    peer: bool = True
     mode_timeout: float = 1800.0
+    # the llama.cpp peer: a folder of its tools (None: no peer rows), its threads, repetitions, server context
+    llama_cpp: Path | None = None
+    llama_cpp_threads: int | None = None  # None: torch's thread count, as our modes run with
+    llama_cpp_repeats: int = 3
+    llama_cpp_context: int | None = None  # llama-server -c, shared by its slots; None: 1024 per slot or more
+
+    @property
+    def server_context(self) -> int:
+        if self.llama_cpp_context is not None:
+            return self.llama_cpp_context
+        return self.concurrency * max(1024, self.stream_tokens + 256)
 
 
 @dataclass
@@ -72,16 +93,14 @@ def available_modes(device: str) -> tuple[list[str], dict[str, str]]:
 
 def _worker_spec(
     options: BenchOptions,
-    mode: str | None,
+    mode: str,
     reference_path: Path | None,
     *,
     is_reference: bool,
     speed: bool,
-    engine: str = ENGINE,
 ) -> WorkerSpec:
     return WorkerSpec(
         mode=mode,
-        engine=engine,
         model=options.model,
         cache_dir=options.cache_dir,
         device=options.device,
@@ -252,23 +271,120 @@ def run_bench(options: BenchOptions, on_row: Callable[[BenchRun], None] = lambda
             finish_figures(run)
             run.seconds = time.perf_counter() - started
             on_row(run)
-        if options.peer:
-            run_peer(run, logs)
+    if options.llama_cpp is not None:
+
+        def peer_done(run: BenchRun) -> None:
+            run.seconds = time.perf_counter() - started
+            on_row(run)
+
+        run_peers(run, logs, peer_done)
     finish_figures(run)
     run.seconds = time.perf_counter() - started
     return run
 
 
-def run_peer(run: BenchRun, logs: Path) -> None:
-    options = run.options
-    if not llama_cpp_available():
-        run.skipped[PEER_ENGINE] = "llama-cpp-python is not installed"
+PEER_PHASES = ["quantize", "llama-bench", "serve"]
+
+
+def run_peers(run: BenchRun, logs: Path, on_row: Callable[[BenchRun], None] = lambda run: None) -> None:
+    """One peer row per llama.cpp counterpart of the run's modes, and one for the GGUF as shipped."""
+    assert run.options.llama_cpp is not None
+    # the figures the peer runs with, recorded as such in results.json
+    run.options = options = replace(
+        run.options,
+        llama_cpp_threads=run.options.llama_cpp_threads or torch.get_num_threads(),
+        llama_cpp_context=run.options.server_context,
+    )
+    source = gguf_for(options.model)
+    if source is None:
+        run.skipped[PEER_ENGINE] = f"llama.cpp needs a GGUF; {options.model!r} is not one"
         return
-    if gguf_for(options.model) is None:
-        run.skipped[PEER_ENGINE] = "the model is not a GGUF file"
+    try:
+        peer = LlamaCpp.find(options.llama_cpp)
+        shipped = gguf_file_type(source)
+    except (PeerError, OSError, ValueError) as error:
+        run.skipped[PEER_ENGINE] = str(error)
         return
-    progress = ModeProgress(PEER_ENGINE, ["load"])
-    spec = _worker_spec(options, None, None, is_reference=False, speed=True, engine=PEER_ENGINE)
-    result = run_worker(spec, logs / f"{PEER_ENGINE}.log", options.mode_timeout, progress)
-    progress.close(result)
-    run.rows.append(result)
+    for gguf_type in peer_types(options.modes, shipped):
+        row = BenchRow(None, engine=PEER_ENGINE, gguf_type=gguf_type)
+        progress = ModeProgress(row.label, PEER_PHASES if options.serve else PEER_PHASES[:-1])
+        measure_peer(options, peer, source, shipped, row, logs, progress)
+        progress.close(row)
+        run.rows.append(row)
+        on_row(run)
+
+
+def measure_peer(
+    options: BenchOptions,
+    peer: LlamaCpp,
+    source: Path,
+    shipped: str,
+    row: BenchRow,
+    logs: Path,
+    progress: ModeProgress,
+) -> None:
+    """Fill one peer row: make (or reuse) its file, llama-bench it, then serve it with llama-server -np N."""
+    gguf_type = row.gguf_type
+    assert gguf_type is not None
+    name = f"{PEER_ENGINE}-{gguf_type}"
+    progress.phase("quantize")
+    started = time.perf_counter()
+    if gguf_type == shipped:
+        path, made = source, False
+    else:
+        try:
+            path, made = peer.prepare(source, gguf_type, Path(options.cache_dir), logs / f"{name}.quantize.log")
+        except PeerError as error:
+            row.fail("quantize", str(error))
+            return
+    row.phase_seconds["quantize"] = time.perf_counter() - started
+    row.peer = {
+        "folder": str(peer.folder),
+        "file": str(path),
+        "made": "shipped" if gguf_type == shipped else ("requantized" if made else "requantized (cached)"),
+        "threads": options.llama_cpp_threads,
+    }
+
+    progress.phase("llama-bench")
+    started = time.perf_counter()
+    try:
+        result, backend = peer.bench(
+            path,
+            threads=options.llama_cpp_threads,
+            prompt_tokens=options.prompt_tokens,
+            decode_tokens=options.decode_tokens,
+            repeats=options.llama_cpp_repeats,
+            log_path=logs / f"{name}.bench.log",
+            timeout=options.mode_timeout,
+        )
+    except PeerError as error:
+        row.fail("llama-bench", str(error))
+    else:
+        row.update(peer_row_values(result, backend))
+        row.peer.update(bench_details(result))
+    row.phase_seconds["llama-bench"] = time.perf_counter() - started
+
+    if not options.serve:
+        return
+    progress.phase("serve")
+    started = time.perf_counter()
+    row.peer["server"] = {"slots": options.concurrency, "context": options.server_context}
+    try:
+        with running_llama_server(
+            peer,
+            path,
+            slots=options.concurrency,
+            threads=options.llama_cpp_threads,
+            context=options.server_context,
+            log_path=logs / f"{name}.server.log",
+        ) as base_url:
+            row.update(
+                measure_serving(base_url, options.concurrency, options.stream_tokens, options.requests_per_client)
+            )
+    except ServerError as error:
+        row.fail("serve", str(error))
+    except Exception as error:  # the load generator's failures: report, and go on
+        row.fail("serve", f"{type(error).__name__}: {error}".splitlines()[0])
+    if row.backend is None:
+        row.backend = loaded_backend((logs / f"{name}.server.log").read_text(errors="replace"))
+    row.phase_seconds["serve"] = time.perf_counter() - started

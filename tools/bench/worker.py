@@ -5,7 +5,7 @@ service does (`app.model_loader.load_model`), measures prefill and single-stream
 decode through the engine's model runner, records the process's peak RSS, then
 scores quality with `tools.quality`. It talks to the parent on stdout with lines
 that start with `@@bench ` (JSON); everything else it prints is only logged.
-The peer job (`engine` PEER_ENGINE) measures llama.cpp on the same GGUF instead.
+(The llama.cpp peer rows need no worker: its own tools run as processes, `tools.bench.llamacpp`.)
 """
 
 from __future__ import annotations
@@ -22,14 +22,14 @@ from typing import Any
 import torch
 
 from tools import quality
-from tools.bench.results import ENGINE, PEER_ENGINE, BenchRow
+from tools.bench.results import BenchRow
 
 PROTOCOL_PREFIX = "@@bench "
 
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    mode: str | None  # the precision mode; None for the peer engine
+    mode: str  # the precision mode
     model: str
     cache_dir: str
     device: str
@@ -43,10 +43,9 @@ class WorkerSpec:
     reference_path: str | None  # fp32 predictions for the agreement score
     is_reference: bool  # this job writes `reference_path` instead of reading it
     measure_speed: bool = True
-    engine: str = ENGINE  # ENGINE | PEER_ENGINE
 
     def empty_row(self) -> BenchRow:
-        return BenchRow(self.mode, engine=self.engine)
+        return BenchRow(self.mode)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -191,25 +190,13 @@ def score_quality(spec: WorkerSpec, model: Any, tokenizer: Any, text: str) -> di
     }
 
 
-def run_llama_cpp(spec: WorkerSpec, result: BenchRow, phases: Phases) -> None:
-    from tools.bench.llamacpp import measure_llama_cpp
-
-    phases.enter("load")
-    text = benchmark_text(spec)
-    result.update(measure_llama_cpp(spec.model, text, spec.prompt_tokens, spec.decode_tokens, spec.prefill_repeats))
-    result.peak_rss_bytes = peak_rss_bytes()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     spec = WorkerSpec.from_json(args[0])
     result = spec.empty_row()
     phases = Phases()
     try:
-        if spec.engine == PEER_ENGINE:
-            run_llama_cpp(spec, result, phases)
-        else:
-            run_mode(spec, result, phases)
+        run_mode(spec, result, phases)
     except Exception as error:
         traceback.print_exc()
         result.fail(phases.current, f"{type(error).__name__}: {error}".splitlines()[0])

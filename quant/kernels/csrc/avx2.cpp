@@ -10,7 +10,7 @@
 #pragma GCC target("avx2,fma,f16c")
 #endif
 
-#include "qs_impl.h"
+#include "qs_decode_impl.h"
 
 namespace qs {
 namespace {
@@ -24,7 +24,8 @@ struct Avx2 {
   // int8 weights x int8 activations, 32 elements per step.
   // maddubs needs one unsigned operand: |x| * (w * sign(x)) == x * w, no saturation
   // since |x| <= 127 and |w| <= 128 (pairs stay below 2 * 127 * 128 < 32767).
-  template <int MR, int NR, bool kPerRow>
+  // kG32: one fp16 weight scale per 32-block (int8_g32) folded into the block's float multiply.
+  template <int MR, int NR, bool kPerRow, bool kG32>
   static void int8_tile(const LinearArgs& a, int64_t m, const int64_t* n, float (&out)[MR][NR]) {
     const int8_t* x[MR];
     const float* xs[MR];
@@ -34,6 +35,7 @@ struct Avx2 {
       xs[i] = a.act.scales + (m + i) * a.act.scales_stride;
     }
     for (int j = 0; j < NR; ++j) w[j] = a.w_int8 + n[j] * a.K;
+    const int64_t w_blocks = a.K / kBlock;  // int8_g32 needs K % 32 == 0 (checked by its op)
     const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc[MR][NR];
     __m256i iacc[MR][NR];
@@ -48,6 +50,9 @@ struct Avx2 {
       __m256i wa[NR];
       if (kAbsOfWeights)
         for (int j = 0; j < NR; ++j) wa[j] = _mm256_abs_epi8(wv[j]);
+      __m256 wd[NR];
+      if (kG32)
+        for (int j = 0; j < NR; ++j) wd[j] = _mm256_set1_ps(half_to_float(a.scales[n[j] * w_blocks + k0 / kBlock]));
       for (int i = 0; i < MR; ++i) {
         const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[i] + k0));
         const __m256i xa = kAbsOfWeights ? xv : _mm256_abs_epi8(xv);
@@ -59,7 +64,7 @@ struct Avx2 {
           if (kPerRow)
             iacc[i][j] = _mm256_add_epi32(iacc[i][j], dot);
           else
-            acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, acc[i][j]);
+            acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), kG32 ? _mm256_mul_ps(s, wd[j]) : s, acc[i][j]);
         }
       }
     };
@@ -148,14 +153,177 @@ struct Avx2 {
     if constexpr (K == Kind::int4)
       int4_tile<MR, NR>(a, m, n, out);
     else
-      int8_tile<MR, NR, K == Kind::int8_row>(a, m, n, out);
+      int8_tile<MR, NR, K == Kind::int8_row, K == Kind::int8_g32>(a, m, n, out);
+  }
+
+  // ---- decode step: packed tiles of 16 rows as two halves of 8 (bytes [0, 32) and [32, 64)
+  // of every 64-byte step), one int32/float lane per output row --------------------------------
+  static constexpr int kMaxRows = 2;  // activation rows per pass over a tile (16 ymm registers)
+
+  // Row-major float32 weights, 4 rows x MR activations per pass, one reduction per output.
+  template <int MR>
+  static void f32_tiles(const PackedMatrix& w, const DecodeActs& a, int64_t m0, int64_t t0, int64_t t1, float* y,
+                        int64_t ldy) {
+    const int64_t K = w.K;
+    const float* x[MR];
+    for (int i = 0; i < MR; ++i) x[i] = a.x + (m0 + i) * K;
+    for (int64_t t = t0; t < t1; ++t) {
+      for (int64_t r0 = 0; r0 < kTile; r0 += 4) {
+        const int64_t n0 = t * kTile + r0;
+        const float* wr[4];
+        for (int j = 0; j < 4; ++j) wr[j] = w.f32 + min64(n0 + j, w.N - 1) * K;
+        __m256 acc[MR][4];
+        for (int i = 0; i < MR; ++i)
+          for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_setzero_ps();
+        for (int64_t k = 0; k < K; k += 8) {
+          __m256 wv[4];
+          for (int j = 0; j < 4; ++j) wv[j] = _mm256_loadu_ps(wr[j] + k);
+          for (int i = 0; i < MR; ++i) {
+            const __m256 xv = _mm256_loadu_ps(x[i] + k);
+            for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_fmadd_ps(wv[j], xv, acc[i][j]);
+          }
+        }
+        for (int i = 0; i < MR; ++i)
+          for (int j = 0; j < 4; ++j)
+            y[(m0 + i) * ldy + (t - t0) * kTile + r0 + j] = n0 + j < w.N ? hsum(acc[i][j]) : 0.0f;
+      }
+    }
+  }
+
+  // int8 x int8 with the sign trick of int8_tile: |w| * (x * sign(w)) == x * w; taking |.| of the
+  // weights keeps w = -128 exact too (|x| <= 127, so pairs stay below 2 * 128 * 127 < 2^15).
+  // kG32: one fp16 scale per row and block (header); else one float32 scale per row at the end.
+  template <int MR, bool kG32>
+  static void int8_tiles(const PackedMatrix& w, const DecodeActs& a, int64_t m0, int64_t t0, int64_t t1, float* y,
+                         int64_t ldy) {
+    const int64_t K = w.K, blocks = K / kBlock;
+    const int8_t* x[MR];
+    const float* xs[MR];
+    for (int i = 0; i < MR; ++i) {
+      x[i] = a.codes + (m0 + i) * K;
+      xs[i] = a.scales + (m0 + i) * blocks;
+    }
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int64_t t = t0; t < t1; ++t) {
+      const uint8_t* tile = w.data + t * w.tile_bytes;
+      const uint8_t* codes = tile + w.header_bytes;
+      __m256 acc[MR][2];
+      for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+      for (int64_t b = 0; b < blocks; ++b) {
+        const uint8_t* cb = codes + b * (kBlock * kTile);
+        __m256i dot[MR][2];
+        for (int i = 0; i < MR; ++i) dot[i][0] = dot[i][1] = _mm256_setzero_si256();
+        for (int c = 0; c < 8; ++c) {
+          prefetch_ahead(cb + 64 * c);
+          __m256i v[2], va[2];
+          for (int h = 0; h < 2; ++h) {
+            v[h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cb + 64 * c + 32 * h));
+            va[h] = _mm256_abs_epi8(v[h]);
+          }
+          for (int i = 0; i < MR; ++i) {
+            const __m256i xb = _mm256_set1_epi32(load_i32(x[i] + b * kBlock + 4 * c));
+            for (int h = 0; h < 2; ++h)
+              dot[i][h] = _mm256_add_epi32(
+                  dot[i][h], _mm256_madd_epi16(_mm256_maddubs_epi16(va[h], _mm256_sign_epi8(xb, v[h])), ones));
+          }
+        }
+        __m256 wd[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+        if (kG32)
+          for (int h = 0; h < 2; ++h)
+            wd[h] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tile + b * 2 * kTile + 16 * h)));
+        for (int i = 0; i < MR; ++i) {
+          const __m256 s = _mm256_set1_ps(xs[i][b]);
+          for (int h = 0; h < 2; ++h)
+            acc[i][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[i][h]), kG32 ? _mm256_mul_ps(wd[h], s) : s, acc[i][h]);
+        }
+      }
+      for (int h = 0; h < 2; ++h) {
+        if (!kG32) {
+          const __m256 ws = _mm256_loadu_ps(reinterpret_cast<const float*>(tile) + 8 * h);
+          for (int i = 0; i < MR; ++i) acc[i][h] = _mm256_mul_ps(acc[i][h], ws);
+        }
+        for (int i = 0; i < MR; ++i) _mm256_storeu_ps(y + (m0 + i) * ldy + (t - t0) * kTile + 8 * h, acc[i][h]);
+      }
+    }
+  }
+
+  // 4-bit codes: per 8 inputs one 64-byte step (low nibbles = inputs k..k+3 of each row, high
+  // nibbles = k+4..k+7). The int16 pairs of a whole 32-block stay below 2^15 (4 steps x 2 x
+  // 2 x 15 x 127 = 30480), so they are widened to int32 once per block.
+  template <int MR>
+  static void int4_tiles(const PackedMatrix& w, const DecodeActs& a, int64_t m0, int64_t t0, int64_t t1, float* y,
+                         int64_t ldy) {
+    const int64_t K = w.K, blocks = K / kBlock, g = w.group_size, groups = K / g, per_group = g / kBlock;
+    const int8_t* x[MR];
+    const float* xs[MR];
+    const float* bs[MR];
+    for (int i = 0; i < MR; ++i) {
+      x[i] = a.codes + (m0 + i) * K;
+      xs[i] = a.scales + (m0 + i) * blocks;
+      bs[i] = a.block_sums + (m0 + i) * blocks;
+    }
+    const __m256i low4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+    for (int64_t t = t0; t < t1; ++t) {
+      const uint8_t* tile = w.data + t * w.tile_bytes;
+      const uint16_t* d_half = reinterpret_cast<const uint16_t*>(tile);
+      const uint16_t* min_half = d_half + groups * kTile;
+      const uint8_t* codes = tile + w.header_bytes;
+      __m256 acc[MR][2];
+      for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+      for (int64_t gi = 0; gi < groups; ++gi) {
+        __m256 d[2];
+        for (int h = 0; h < 2; ++h)
+          d[h] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(d_half + gi * kTile + 8 * h)));
+        for (int64_t bb = 0; bb < per_group; ++bb) {
+          const int64_t b = gi * per_group + bb;
+          const uint8_t* cb = codes + b * (kBlock * kTile / 2);
+          __m256i pairs[MR][2];
+          for (int i = 0; i < MR; ++i) pairs[i][0] = pairs[i][1] = _mm256_setzero_si256();
+          for (int c = 0; c < 4; ++c) {
+            prefetch_ahead(cb + 64 * c);
+            __m256i lo[2], hi[2];
+            for (int h = 0; h < 2; ++h) {
+              const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cb + 64 * c + 32 * h));
+              lo[h] = _mm256_and_si256(v, low4);
+              hi[h] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+            }
+            for (int i = 0; i < MR; ++i) {
+              const int8_t* xp = x[i] + b * kBlock + 8 * c;
+              const __m256i xl = _mm256_set1_epi32(load_i32(xp)), xh = _mm256_set1_epi32(load_i32(xp + 4));
+              for (int h = 0; h < 2; ++h)
+                pairs[i][h] = _mm256_add_epi16(
+                    pairs[i][h], _mm256_add_epi16(_mm256_maddubs_epi16(lo[h], xl), _mm256_maddubs_epi16(hi[h], xh)));
+            }
+          }
+          for (int i = 0; i < MR; ++i) {
+            const __m256 s = _mm256_set1_ps(xs[i][b]);
+            for (int h = 0; h < 2; ++h)
+              acc[i][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(pairs[i][h], ones)),
+                                          _mm256_mul_ps(d[h], s), acc[i][h]);
+          }
+        }
+        for (int i = 0; i < MR; ++i) {
+          float group_sum = 0.0f;
+          for (int64_t bb = 0; bb < per_group; ++bb) group_sum += bs[i][gi * per_group + bb];
+          const __m256 gs = _mm256_set1_ps(group_sum);
+          for (int h = 0; h < 2; ++h) {
+            const __m256 mn =
+                _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(min_half + gi * kTile + 8 * h)));
+            acc[i][h] = _mm256_fmadd_ps(mn, gs, acc[i][h]);
+          }
+        }
+      }
+      for (int i = 0; i < MR; ++i)
+        for (int h = 0; h < 2; ++h) _mm256_storeu_ps(y + (m0 + i) * ldy + (t - t0) * kTile + 8 * h, acc[i][h]);
+    }
   }
 };
 
 }  // namespace
 
 const KernelTable* avx2_table() {
-  static const KernelTable table{"avx2", &quantize<Avx2>, &gemm<Avx2>};
+  static const KernelTable table{"avx2",           &quantize<Avx2>, &gemm<Avx2>,  &quantize_row_impl,
+                                 &packed_gemv<Avx2>, &rms_norm_impl,  &silu_mul_impl, &attend_impl};
   return &table;
 }
 

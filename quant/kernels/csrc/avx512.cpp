@@ -12,7 +12,7 @@
 #pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
 #endif
 
-#include "qs_impl.h"
+#include "qs_decode_impl.h"
 
 namespace qs {
 namespace {
@@ -30,7 +30,14 @@ struct Avx512Vnni {
                                  _mm512_castps128_ps512(two));
   }
 
-  template <int MR, int NR, bool kPerRow>
+  // Two fp16 weight scales (blocks b, b+1; `count` of them valid) spread like scales_2.
+  static __m512 half_scales_2(const uint16_t* p, int64_t count) {
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1),
+                                 _mm512_castps128_ps512(load_halves(p, count)));
+  }
+
+  // kG32: one fp16 weight scale per 32-block (int8_g32) folded into the blocks' float multiply.
+  template <int MR, int NR, bool kPerRow, bool kG32>
   static void int8_tile(const LinearArgs& a, int64_t m, const int64_t* n, float (&out)[MR][NR]) {
     const uint8_t* x[MR];
     const float* xs[MR];
@@ -40,6 +47,7 @@ struct Avx512Vnni {
       xs[i] = a.act.scales + (m + i) * a.act.scales_stride;
     }
     for (int j = 0; j < NR; ++j) w[j] = a.w_int8 + n[j] * a.K;
+    const int64_t w_blocks = a.K / kBlock;  // int8_g32 needs K % 32 == 0 (checked by its op)
     const __m512i offset = _mm512_set1_epi8(static_cast<char>(0x80));
     __m512 acc[MR][NR];
     __m512i iacc[MR][NR], excess[NR];
@@ -51,6 +59,10 @@ struct Avx512Vnni {
       }
     auto step = [&](const __m512i (&wv)[NR], int64_t k0) {
       __m512i neg_excess[NR];
+      __m512 wd[NR];
+      if (kG32)
+        for (int j = 0; j < NR; ++j)
+          wd[j] = half_scales_2(a.scales + n[j] * w_blocks + k0 / kBlock, min64(2, w_blocks - k0 / kBlock));
       for (int j = 0; j < NR; ++j) {
         if (kPerRow)
           excess[j] = _mm512_dpbusd_epi32(excess[j], offset, wv[j]);
@@ -67,7 +79,7 @@ struct Avx512Vnni {
         const __m512 s = scales_2(xs[i] + k0 / kBlock);
         for (int j = 0; j < NR; ++j) {
           const __m512i dot = _mm512_dpbusd_epi32(neg_excess[j], xv, wv[j]);
-          acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc[i][j]);
+          acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), kG32 ? _mm512_mul_ps(s, wd[j]) : s, acc[i][j]);
         }
       }
     };
@@ -154,14 +166,156 @@ struct Avx512Vnni {
     if constexpr (K == Kind::int4)
       int4_tile<MR, NR>(a, m, n, out);
     else
-      int8_tile<MR, NR, K == Kind::int8_row>(a, m, n, out);
+      int8_tile<MR, NR, K == Kind::int8_row, K == Kind::int8_g32>(a, m, n, out);
+  }
+
+  // ---- decode step: packed tiles of 16 rows, one int32/float lane per output row ----------
+  static constexpr int kMaxRows = 4;  // activation rows per pass over a tile
+
+  // Row-major float32 weights, 4 rows x MR activations per pass, one reduction per output.
+  template <int MR>
+  static void f32_tiles(const PackedMatrix& w, const DecodeActs& a, int64_t m0, int64_t t0, int64_t t1, float* y,
+                        int64_t ldy) {
+    const int64_t K = w.K;
+    const float* x[MR];
+    for (int i = 0; i < MR; ++i) x[i] = a.x + (m0 + i) * K;
+    for (int64_t t = t0; t < t1; ++t) {
+      for (int64_t r0 = 0; r0 < kTile; r0 += 4) {
+        const int64_t n0 = t * kTile + r0;
+        const float* wr[4];
+        for (int j = 0; j < 4; ++j) wr[j] = w.f32 + min64(n0 + j, w.N - 1) * K;
+        __m512 acc[MR][4];
+        for (int i = 0; i < MR; ++i)
+          for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
+        for (int64_t k = 0; k < K; k += 16) {
+          __m512 wv[4];
+          for (int j = 0; j < 4; ++j) wv[j] = _mm512_loadu_ps(wr[j] + k);
+          for (int i = 0; i < MR; ++i) {
+            const __m512 xv = _mm512_loadu_ps(x[i] + k);
+            for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_fmadd_ps(wv[j], xv, acc[i][j]);
+          }
+        }
+        for (int i = 0; i < MR; ++i)
+          for (int j = 0; j < 4; ++j)
+            y[(m0 + i) * ldy + (t - t0) * kTile + r0 + j] = n0 + j < w.N ? _mm512_reduce_add_ps(acc[i][j]) : 0.0f;
+      }
+    }
+  }
+
+  // int8 weights, stored signed and flipped to w + 128 for vpdpbusd's unsigned operand; the
+  // excess 128 * sum(x codes) of each block is subtracted exactly, in int32.
+  // kG32: one fp16 scale per row and block (header); else one float32 scale per row at the end.
+  template <int MR, bool kG32>
+  static void int8_tiles(const PackedMatrix& w, const DecodeActs& a, int64_t m0, int64_t t0, int64_t t1, float* y,
+                         int64_t ldy) {
+    const int64_t K = w.K, blocks = K / kBlock;
+    const int8_t* x[MR];
+    const float* xs[MR];
+    const int32_t* cs[MR];
+    for (int i = 0; i < MR; ++i) {
+      x[i] = a.codes + (m0 + i) * K;
+      xs[i] = a.scales + (m0 + i) * blocks;
+      cs[i] = a.code_sums + (m0 + i) * blocks;
+    }
+    const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+    for (int64_t t = t0; t < t1; ++t) {
+      const uint8_t* tile = w.data + t * w.tile_bytes;
+      const uint8_t* codes = tile + w.header_bytes;
+      __m512 acc[MR];
+      for (int i = 0; i < MR; ++i) acc[i] = _mm512_setzero_ps();
+      for (int64_t b = 0; b < blocks; ++b) {
+        const uint8_t* cb = codes + b * (kBlock * kTile);
+        __m512i dot[MR];
+        for (int i = 0; i < MR; ++i) dot[i] = _mm512_setzero_si512();
+        for (int c = 0; c < 8; ++c) {
+          prefetch_ahead(cb + 64 * c);
+          const __m512i v = _mm512_xor_si512(_mm512_loadu_si512(cb + 64 * c), flip);
+          for (int i = 0; i < MR; ++i)
+            dot[i] = _mm512_dpbusd_epi32(dot[i], v, _mm512_set1_epi32(load_i32(x[i] + b * kBlock + 4 * c)));
+        }
+        __m512 wd = _mm512_setzero_ps();
+        if (kG32) wd = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + b * 2 * kTile)));
+        for (int i = 0; i < MR; ++i) {
+          const __m512i exact = _mm512_sub_epi32(dot[i], _mm512_set1_epi32(128 * cs[i][b]));
+          const __m512 s = _mm512_set1_ps(xs[i][b]);
+          acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact), kG32 ? _mm512_mul_ps(wd, s) : s, acc[i]);
+        }
+      }
+      if (!kG32) {
+        const __m512 ws = _mm512_loadu_ps(reinterpret_cast<const float*>(tile));
+        for (int i = 0; i < MR; ++i) acc[i] = _mm512_mul_ps(acc[i], ws);
+      }
+      for (int i = 0; i < MR; ++i) _mm512_storeu_ps(y + (m0 + i) * ldy + (t - t0) * kTile, acc[i]);
+    }
+  }
+
+  // 4-bit codes: per 8 inputs one 64-byte step, low nibbles = inputs k..k+3 of each row,
+  // high nibbles = k+4..k+7; two vpdpbusd against the broadcast activation quads. The high
+  // nibbles stay in place (v & 0xf0 = 16 x code) in their own accumulator, divided by 16 once
+  // per block: exact (a block's sum is below 4 x 2 x 240 x 127 x 16 < 2^31 and a multiple of 16)
+  // and one instruction per step cheaper than shifting every step.
+  template <int MR>
+  static void int4_tiles(const PackedMatrix& w, const DecodeActs& a, int64_t m0, int64_t t0, int64_t t1, float* y,
+                         int64_t ldy) {
+    const int64_t K = w.K, blocks = K / kBlock, g = w.group_size, groups = K / g, per_group = g / kBlock;
+    const int8_t* x[MR];
+    const float* xs[MR];
+    const float* bs[MR];
+    for (int i = 0; i < MR; ++i) {
+      x[i] = a.codes + (m0 + i) * K;
+      xs[i] = a.scales + (m0 + i) * blocks;
+      bs[i] = a.block_sums + (m0 + i) * blocks;
+    }
+    const __m512i low4 = _mm512_set1_epi8(0x0f);
+    for (int64_t t = t0; t < t1; ++t) {
+      const uint8_t* tile = w.data + t * w.tile_bytes;
+      const uint16_t* d_half = reinterpret_cast<const uint16_t*>(tile);
+      const uint16_t* min_half = d_half + groups * kTile;
+      const uint8_t* codes = tile + w.header_bytes;
+      __m512 acc[MR];
+      for (int i = 0; i < MR; ++i) acc[i] = _mm512_setzero_ps();
+      for (int64_t gi = 0; gi < groups; ++gi) {
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(d_half + gi * kTile)));
+        for (int64_t bb = 0; bb < per_group; ++bb) {
+          const int64_t b = gi * per_group + bb;
+          const uint8_t* cb = codes + b * (kBlock * kTile / 2);
+          __m512i dot[MR], dot16[MR];
+          for (int i = 0; i < MR; ++i) dot[i] = dot16[i] = _mm512_setzero_si512();
+          for (int c = 0; c < 4; ++c) {
+            prefetch_ahead(cb + 64 * c);
+            const __m512i v = _mm512_loadu_si512(cb + 64 * c);
+            const __m512i lo = _mm512_and_si512(v, low4);
+            const __m512i hi16 = _mm512_andnot_si512(low4, v);
+            for (int i = 0; i < MR; ++i) {
+              const int8_t* xp = x[i] + b * kBlock + 8 * c;
+              dot[i] = _mm512_dpbusd_epi32(dot[i], lo, _mm512_set1_epi32(load_i32(xp)));
+              dot16[i] = _mm512_dpbusd_epi32(dot16[i], hi16, _mm512_set1_epi32(load_i32(xp + 4)));
+            }
+          }
+          for (int i = 0; i < MR; ++i) {
+            const __m512i sum = _mm512_add_epi32(dot[i], _mm512_srai_epi32(dot16[i], 4));
+            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(d, _mm512_set1_ps(xs[i][b])), acc[i]);
+          }
+        }
+        // min term: min[row, g] * (sum of x over the group)
+        const __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(min_half + gi * kTile)));
+        for (int i = 0; i < MR; ++i) {
+          float group_sum = 0.0f;
+          for (int64_t bb = 0; bb < per_group; ++bb) group_sum += bs[i][gi * per_group + bb];
+          acc[i] = _mm512_fmadd_ps(mn, _mm512_set1_ps(group_sum), acc[i]);
+        }
+      }
+      for (int i = 0; i < MR; ++i) _mm512_storeu_ps(y + (m0 + i) * ldy + (t - t0) * kTile, acc[i]);
+    }
   }
 };
 
 }  // namespace
 
 const KernelTable* avx512_table() {
-  static const KernelTable table{"avx512vnni", &quantize<Avx512Vnni>, &gemm<Avx512Vnni>};
+  static const KernelTable table{"avx512vnni",    &quantize<Avx512Vnni>, &gemm<Avx512Vnni>,
+                                 &quantize_row_impl, &packed_gemv<Avx512Vnni>, &rms_norm_impl,
+                                 &silu_mul_impl,  &attend_impl};
   return &table;
 }
 

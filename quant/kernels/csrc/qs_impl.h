@@ -182,6 +182,7 @@ template <class Isa>
 void quantize(const LinearArgs& a, int64_t m0, int64_t m1) {
   switch (a.kind) {
     case Kind::int8_block:
+    case Kind::int8_g32:
       return quantize_rows(a, m0, m1, false, Isa::kInt8Offset, 0);
     case Kind::int8_row:
       return quantize_rows(a, m0, m1, true, Isa::kInt8Offset, 0);
@@ -229,7 +230,7 @@ void store_tile(const LinearArgs& a, int64_t m, int64_t n0, int64_t n_end, float
       const int64_t col = n0 + j;
       float v = out[i][j];
       if (a.kind == Kind::int8_row) v *= a.act.scales[row * a.act.scales_stride];
-      if (a.kind != Kind::int4) v *= a.w_scale[col];
+      if (a.kind == Kind::int8_block || a.kind == Kind::int8_row) v *= a.w_scale[col];
       if (a.bias) v += a.bias[col];
       if (a.y_dtype == Dtype::f32)
         static_cast<float*>(a.y)[row * a.N + col] = v;
@@ -285,6 +286,8 @@ void gemm(const LinearArgs& a, int64_t n0, int64_t n1) {
       return gemm_kind<Isa, Kind::int8_row>(a, n0, n1);
     case Kind::int4:
       return gemm_kind<Isa, Kind::int4>(a, n0, n1);
+    case Kind::int8_g32:
+      return gemm_kind<Isa, Kind::int8_g32>(a, n0, n1);
   }
 }
 

@@ -13,6 +13,7 @@ enum class Kind : int32_t {
   int8_block = 0,  // int8 weights, per-channel scale; activations int8 per 32-block
   int8_row = 1,    // int8 weights, per-channel scale; activations int8 per row (W8A8 dynamic)
   int4 = 2,        // packed 4-bit codes with fp16 scale and min per group; activations int8 per 32-block
+  int8_g32 = 3,    // int8 weights, one fp16 scale per 32 inputs (llama.cpp's Q8_0); activations int8 per 32-block
 };
 
 constexpr int64_t kBlock = 32;  // activation quantization block
@@ -44,9 +45,45 @@ struct LinearArgs {
   const int8_t* w_int8;    // [N, K]
   const float* w_scale;    // [N]
   const uint8_t* packed;   // [N, K / 2]
-  const uint16_t* scales;  // [N, K / group_size], fp16 bits
+  const uint16_t* scales;  // [N, K / group_size], fp16 bits (int8_g32: [N, K / 32])
   const uint16_t* mins;    // [N, K / group_size], fp16 bits
   int64_t group_size;
+};
+
+// ---- the native decode step (decoder.cpp) ------------------------------------------
+// Weights are repacked once into tiles of kTile output rows, each tile one contiguous,
+// 64-byte aligned run of `tile_bytes` (a header of per-row scales, then the codes), so that
+// a decode GEMV streams memory sequentially and keeps one SIMD lane per output row: no
+// horizontal sums, and a scale multiply per 32 inputs covers 16 rows at once.
+constexpr int64_t kTile = 16;
+
+enum class PackKind : int32_t {
+  f32 = 0,       // not repacked: row-major float32 [N, K], read in place
+  int8 = 1,      // header float32 scale[16]; then per 4 inputs: int8 w[16 rows][4]
+  int4 = 2,      // header fp16 scale[groups][16], fp16 min[groups][16]; then per 8 inputs k..k+7:
+                 //   uint8 [16 rows][4], byte i = code(k + i) | code(k + 4 + i) << 4
+  int8_g32 = 3,  // header fp16 scale[K / 32][16]; then per 4 inputs: int8 w[16 rows][4]
+};
+// Headers are zero-padded to a multiple of 64 bytes; rows past N hold zeros.
+
+struct PackedMatrix {
+  PackKind kind;
+  int64_t N, K;
+  int64_t tiles;       // ceil(N / kTile)
+  int64_t group_size;  // int4 only
+  int64_t header_bytes, tile_bytes;
+  const uint8_t* data;  // tiles (not f32)
+  const float* f32;     // [N, K] (f32 only)
+};
+
+// M activation rows prepared once per matmul and shared by every tile (K % 32 == 0).
+struct DecodeActs {
+  int64_t M, K;
+  const float* x;            // [M, K] float activations (f32 kernels)
+  const int8_t* codes;       // [M, K] int8 codes in natural order
+  const float* scales;       // [M, K / 32] block scales
+  const float* block_sums;   // [M, K / 32] float sum of x over each block (int4 min term)
+  const int32_t* code_sums;  // [M, K / 32] sum of the codes of each block (unsigned-operand offset)
 };
 
 struct KernelTable {
@@ -55,6 +92,22 @@ struct KernelTable {
   void (*quantize)(const LinearArgs& args, int64_t m0, int64_t m1);
   // Compute output features [n0, n1) for every row.
   void (*gemm)(const LinearArgs& args, int64_t n0, int64_t n1);
+
+  // -- decode step --
+  // One row x[K] into codes/scales/block_sums/code_sums (same arithmetic as `quantize`).
+  void (*quantize_row)(const float* x, int64_t K, int8_t* codes, float* scales, float* block_sums,
+                       int32_t* code_sums);
+  // Tiles [t0, t1) for every row: y[m * ldy + (n - t0 * kTile)] for the tile's rows n
+  // (all kTile rows of each tile are written, padding rows included).
+  void (*packed_gemv)(const PackedMatrix& w, const DecodeActs& a, int64_t t0, int64_t t1, float* y, int64_t ldy);
+  // out = x * rsqrt(mean(x^2) + eps) * w
+  void (*rms_norm)(const float* x, const float* w, int64_t n, float eps, float* out);
+  // out = silu(gate) * up
+  void (*silu_mul)(const float* gate, const float* up, int64_t n, float* out);
+  // One query head over `length` cached positions (rows `head_dim` apart): softmax(q·K * scale) · V.
+  // `scores` has room for `length` floats.
+  void (*attend)(const float* q, const float* keys, const float* values, int64_t length, int64_t head_dim,
+                 float scale, float* scores, float* out);
 };
 
 // nullptr when the unit was compiled out (non-x86 build).
