@@ -141,13 +141,11 @@ def load_native_runner(precision: str, max_len: int, threads: int):
     from app.engine.native_runner import NativeRunner
     from app.model_loader import load_model
     from app.settings import load_settings
-    from quant.layers.int8_grouped import Int8G32Linear
     from tools.decode_profile import prompt_ids
 
+    # quantized modes get the int8 g32 head by default (QS_QUANTIZE_LM_HEAD=auto), as llama.cpp's Q8_0 one
     loaded = load_model(load_settings(precision=precision, device="cpu"))
     model = loaded.model
-    if precision != "fp32":  # llama.cpp's head for this model: Q8_0
-        model.lm_head = Int8G32Linear.from_linear(model.lm_head)
     runner = NativeRunner(model, loaded.device, max_slots=1, max_len=max_len, threads=threads)
     return runner, prompt_ids(loaded.tokenizer, PROMPT_TOKENS)
 

@@ -72,3 +72,25 @@ def test_same_seed_same_draws_and_seeds_matter():
 
     assert run(7) == run(7)
     assert len({tuple(run(seed)) for seed in range(5)}) > 1
+
+
+def test_choose_token_samples_on_one_intra_op_thread_and_restores_the_count(monkeypatch) -> None:
+    # A parallel region over one row wakes OpenMP workers that then spin on the cores the native
+    # decode step's thread team needs: sampling runs on the calling thread alone.
+    from app.engine import sampling
+
+    seen_threads = []
+    real = sampling._choose_token
+
+    def recording(*args):
+        seen_threads.append(torch.get_num_threads())
+        return real(*args)
+
+    monkeypatch.setattr(sampling, "_choose_token", recording)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        token, _ = sampling.choose_token(torch.tensor([0.0, 3.0, 1.0]), SamplingParams(), None, torch.empty(0))
+        assert token == 1 and seen_threads == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
