@@ -190,13 +190,16 @@ class LlamaRunner:
         self._zeroed[row] = max(self._zeroed[row], n)
         return self._logits(h[-1:])[0]
 
+    def _batch_rows(self, slots: list[int], token_ids: list[int]) -> tuple[list[int], list[int]]:
+        """The cache rows and next positions of a decode step's sequences (checked: distinct, one token each)."""
+        if len(set(slots)) != len(slots) or len(token_ids) != len(slots):
+            raise ValueError("decode takes distinct slots and one token per slot")
+        return [self._rows[s] for s in slots], [self._lengths[s] for s in slots]
+
     @torch.inference_mode()
     def decode(self, slots: list[int], token_ids: list[int]) -> torch.Tensor:
         batch = len(slots)
-        if len(set(slots)) != batch or len(token_ids) != batch:
-            raise ValueError("decode takes distinct slots and one token per slot")
-        rows = [self._rows[s] for s in slots]
-        positions = [self._lengths[s] for s in slots]
+        rows, positions = self._batch_rows(slots, token_ids)
         length = max(positions) + 1
         if length > self.max_len:
             raise ValueError(f"a sequence would exceed max_len {self.max_len}")

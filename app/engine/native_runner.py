@@ -194,11 +194,7 @@ class NativeRunner(LlamaRunner):
 
     @torch.inference_mode()
     def decode(self, slots: list[int], token_ids: list[int]) -> torch.Tensor:
-        batch = len(slots)
-        if len(set(slots)) != batch or len(token_ids) != batch:
-            raise ValueError("decode takes distinct slots and one token per slot")
-        rows = [self._rows[s] for s in slots]
-        positions = [self._lengths[s] for s in slots]
+        rows, positions = self._batch_rows(slots, token_ids)
         if max(positions) + 1 > self.max_len:
             raise ValueError(f"a sequence would exceed max_len {self.max_len}")
         # (no cache zeroing: the native step reads only each sequence's own positions)
