@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import quant.kernels as qk
 from app.model_loader import LoadedModel, load_model
 from app.settings import Settings, load_settings
 from quant.checkpoints import DEFAULT_CACHE_DIR, convert_gguf, embedded_gguf
@@ -70,14 +71,36 @@ def build_tiny_llama(target: Path, **overrides) -> Path:
 @pytest.fixture(autouse=True)
 def _isolated_process_state(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test starts with no QS_* setting, cached settings or once-only kernel logs left by another."""
-    import quant.kernels as kernels
     from app.settings import get_settings
 
     for name in leaked_settings():
         monkeypatch.delenv(name)
     get_settings.cache_clear()
-    kernels._LOGGED.clear()
-    kernels.configure()
+    qk._LOGGED.clear()
+    qk.configure()
+
+
+@pytest.fixture(scope="module")
+def ops():
+    """The native kernels library; failing (not skipping) when it did not build, since the suite clears QS_KERNELS."""
+    ops = qk.native_ops()
+    if ops is None:
+        pytest.fail(f"quantserve kernels did not build/load: {qk._NATIVE.reason}")
+    return ops
+
+
+def _isas() -> list[str]:
+    ops = qk.native_ops()
+    return list(ops.available_isas()) if ops is not None else ["none"]
+
+
+@pytest.fixture(params=_isas())
+def isa(request, ops):
+    """Each ISA variant this CPU runs, set in the library for the test and restored after."""
+    previous = ops.isa()
+    ops.set_isa(request.param)
+    yield request.param
+    ops.set_isa(previous)
 
 
 @pytest.fixture(scope="session")

@@ -150,10 +150,6 @@ def load_native_runner(precision: str, max_len: int, threads: int):
     return runner, prompt_ids(loaded.tokenizer, PROMPT_TOKENS)
 
 
-def step_bytes(runner) -> int:
-    return runner.weight_bytes_per_step
-
-
 def ours_tok_s(runner, prompt: list[int], steps: int) -> float:
     """Decode tok/s at batch 1: the median step of `steps` greedy steps after the prompt."""
     token = int(runner.prefill(0, prompt).argmax())
@@ -230,7 +226,7 @@ def decode_rows(precisions: list[str], peer: Path | None, steps: int, repeats: i
     for p in precisions:
         for f in LLAMA_FILES[p] if peer else (None,):
             row = {"precision": p, "ours": ours[p], "file": f, "theirs": theirs.get(f, [])}
-            row["bytes"] = step_bytes(runners[p][0])
+            row["bytes"] = runners[p][0].weight_bytes_per_step
             rows.append(row)
     return rows
 

@@ -32,37 +32,13 @@ from app.engine.llama_runner import LlamaRunner
 from app.engine.native_runner import NativeRunner, native_unsupported_reason
 from quant.layers.int8 import Int8DynamicLinear
 from quant.layers.int8_grouped import Int8G32Linear
+from tests.app.test_llama_runner import TINY as LLAMA_TINY
 
 CPU = torch.device("cpu")
 MAX_LEN = 64
-TINY = {
-    "vocab_size": 300,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 256,
-    "tie_word_embeddings": True,
-}
+TINY = {**LLAMA_TINY, "tie_word_embeddings": True}  # the lean runner tests' model, head tied
 PROMPTS = [[5, 17, 42, 7, 99], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5], [250, 8]]
 PRECISIONS = ["fp32", "int8", "int4", "int4+g32-head"]
-
-
-def _isas() -> list[str]:
-    ops = qk.native_ops()
-    return list(ops.available_isas()) if ops is not None else ["none"]
-
-
-@pytest.fixture(params=_isas())
-def isa(request):
-    ops = qk.native_ops()
-    if ops is None:
-        pytest.fail(f"quantserve kernels did not build/load: {qk._NATIVE.reason}")
-    previous = ops.isa()
-    ops.set_isa(request.param)
-    yield request.param
-    ops.set_isa(previous)
 
 
 def quantized(model: nn.Module, precision: str) -> nn.Module:

@@ -31,14 +31,6 @@ NATIVE_OPS = ("int8_linear", "int8_dynamic_linear", "int4_linear")
 REFERENCE_FNS = ("int8_linear", "int8_dynamic_linear", "int4_linear", "nf4_linear", "fp8_linear")
 
 
-@pytest.fixture(scope="module")
-def ops():
-    ops = qk.native_ops()
-    if ops is None:  # the suite clears QS_KERNELS (tests/conftest.py), so this is a real build failure
-        pytest.fail(f"quantserve kernels did not build/load: {qk._NATIVE.reason}")
-    return ops
-
-
 @pytest.fixture
 def calls(ops, monkeypatch: pytest.MonkeyPatch) -> Counter:
     """Counts of the calls reaching each native op ("quantserve:<op>") and reference function ("reference:<fn>")."""

@@ -29,27 +29,6 @@ U = 2.0**-24
 BLOCK = 32
 
 
-@pytest.fixture(scope="module")
-def ops():
-    ops = qk.native_ops()
-    if ops is None:  # the suite clears QS_KERNELS (tests/conftest.py), so this is a real build failure
-        pytest.fail(f"quantserve kernels did not build/load: {qk._NATIVE.reason}")
-    return ops
-
-
-def _isas() -> list[str]:
-    ops = qk.native_ops()
-    return list(ops.available_isas()) if ops is not None else ["none"]
-
-
-@pytest.fixture(params=_isas())
-def isa(request, ops):
-    previous = ops.isa()
-    ops.set_isa(request.param)
-    yield request.param
-    ops.set_isa(previous)
-
-
 # ---- emulation of the kernels' activation quantization ------------------------
 
 

@@ -31,27 +31,6 @@ from tests.quant.test_kernels import (  # the kernels' own emulation and bounds
 )
 
 
-@pytest.fixture(scope="module")
-def ops():
-    ops = qk.native_ops()
-    if ops is None:  # the suite clears QS_KERNELS (tests/conftest.py), so this is a real build failure
-        pytest.fail(f"quantserve kernels did not build/load: {qk._NATIVE.reason}")
-    return ops
-
-
-def _isas() -> list[str]:
-    ops = qk.native_ops()
-    return list(ops.available_isas()) if ops is not None else ["none"]
-
-
-@pytest.fixture(params=_isas())
-def isa(request, ops):
-    previous = ops.isa()
-    ops.set_isa(request.param)
-    yield request.param
-    ops.set_isa(previous)
-
-
 def native_linear(kind: str, tensors: list[torch.Tensor], group_size: int = 0, bias=None, threads: int = 2):
     return torch.classes.quantserve.NativeLinear(kind, tensors, group_size, bias, threads)
 
