@@ -309,8 +309,9 @@ class LlamaRunner:
         k, v = k.transpose(0, 1), v.transpose(0, 1)  # [kv_heads, tokens, head_dim]
         self.k_cache[i, row, :, : k.shape[1]] = k
         self.v_cache[i, row, :, : v.shape[1]] = v
-        out = F.scaled_dot_product_attention(q.transpose(0, 1), k, v, is_causal=True, enable_gqa=True)
-        return out.transpose(0, 1)
+        # 4-D inputs: torch's CPU flash kernel (causal blocks skipped); 3-D ones fall back to the math path
+        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k[None], v[None], is_causal=True, enable_gqa=True)
+        return out[0].transpose(0, 1)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(F.rms_norm(h, (self.hidden_size,), self.final_norm, self.eps)).float()
