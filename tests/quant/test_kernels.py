@@ -76,14 +76,25 @@ def check_int8(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, bias: torch.Te
     assert_within(y, x.double() @ w64.t() + b, (step / 2) @ w_abs.t() + rounding, "int8 vs reference")
 
 
+# From this many activation rows on, int4_linear de-quantizes the weight and runs a float32
+# GEMM (kInt4DequantRows in ops.cpp); test_int4_path_switches_at_the_dequant_rows pins it.
+INT4_DEQUANT_ROWS = 128
+
+
 def check_int4(x, packed, scales, mins, g, bias) -> None:
     y = qk.int4_linear(x, packed, scales, mins, g, bias)
     assert y.shape == (*x.shape[:-1], packed.shape[0]) and y.dtype == x.dtype
     n, k = packed.shape[0], packed.shape[1] * 2
+    b = 0 if bias is None else bias.double()
+    if x.numel() // max(k, 1) >= INT4_DEQUANT_ROWS:
+        # float32 GEMM over the reference's float32 weights: K products and sums, no activation rounding
+        w = qk.dequantize_int4(packed, scales, mins, g).double()
+        bound = 2 * (k + 64) * U * (x.double().abs() @ w.abs().t() + (0 if bias is None else bias.double().abs()))
+        assert_within(y, x.double() @ w.t() + b, bound + 1e-30, "int4 (de-quantized GEMM) vs reference")
+        return
     codes = torch.stack((packed & 15, packed >> 4), -1).reshape(n, k).double()
     scaled = (codes.reshape(n, k // g, g) * scales.double()[..., None]).reshape(n, k)  # code * scale part
     minimum = mins.double().repeat_interleave(g, dim=1)
-    b = 0 if bias is None else bias.double()
     x_hat, step = block_quantized(x)
     x64 = x.double()
     # the kernel applies the min through exact float sums of x (no activation rounding there)
@@ -148,6 +159,21 @@ def test_int4_linear(isa: str, m: int, k: int, n: int, g: int, dtype: torch.dtyp
     x = torch.randn(m, k, generator=gen).to(dtype)
     bias = torch.randn(n, generator=gen) if n % 2 else None
     check_int4(x, packed, scales, mins, g, bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_path_switches_at_the_dequant_rows(isa: str, dtype: torch.dtype) -> None:
+    """Below the threshold the activations are rounded to int8 per block; from it on they are not."""
+    gen = torch.Generator().manual_seed(5)
+    packed, scales, mins = random_int4(96, 576, 64, gen)
+    x = torch.randn(INT4_DEQUANT_ROWS, 576, generator=gen).to(dtype)
+    exact = (x.float() @ qk.dequantize_int4(packed, scales, mins, 64).t()).to(dtype)
+    below = qk.int4_linear(x[:-1], packed, scales, mins, 64, None)
+    at = qk.int4_linear(x, packed, scales, mins, 64, None)
+    assert torch.allclose(at.float(), exact.float(), rtol=1e-5, atol=1e-4)
+    assert (below.float() - exact[:-1].float()).abs().max() > 1e-3  # int8 activation rounding shows
+    check_int4(x[:-1], packed, scales, mins, 64, None)
+    check_int4(x, packed, scales, mins, 64, None)
 
 
 @settings(max_examples=25, deadline=None)

