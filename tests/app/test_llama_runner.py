@@ -28,6 +28,7 @@ import quant
 from app.engine import llama_runner
 from app.engine.llama_runner import LlamaRunner, unsupported_reason
 from app.engine.runner import HFRunner, ModelRunner, make_runner
+from tests.support.runner_steps import replay_release_join
 
 CPU = torch.device("cpu")
 MAX_LEN = 64
@@ -95,26 +96,7 @@ def test_batched_decode_equals_one_by_one(tiny_llama, monkeypatch, serial_positi
 def test_release_join_and_partial_steps(tiny_llama):
     """A released middle sequence, a late joiner and a step over part of the batch leave the others untouched."""
     hf, lean = HFRunner(tiny_llama, CPU), LlamaRunner(tiny_llama, CPU, 3, MAX_LEN)
-    for runner in (hf, lean):
-        for slot, prompt in enumerate(PROMPTS):
-            runner.prefill(slot, prompt)
-    steps = [
-        ([0, 1, 2], [11, 12, 13]),
-        ("release", 0),  # row 0 freed: the last row moves into it
-        ([2, 1], [14, 15]),
-        ("prefill", 3, [21, 22, 23, 24]),
-        ([1, 3, 2], [16, 17, 18]),
-        ([3], [19]),  # part of the batch: read through gathered rows
-        ([2, 3], [20, 21]),
-    ]
-    for step in steps:
-        if step[0] == "release":
-            hf.release(step[1])
-            lean.release(step[1])
-        elif step[0] == "prefill":
-            close(lean.prefill(step[1], step[2]), hf.prefill(step[1], step[2]))
-        else:
-            close(lean.decode(*step), hf.decode(*step))
+    replay_release_join(lean, hf, PROMPTS, lambda actual, expected, what: close(actual, expected))
 
 
 @pytest.mark.parametrize(

@@ -32,12 +32,13 @@ from app.engine.llama_runner import LlamaRunner
 from app.engine.native_runner import NativeRunner, native_unsupported_reason
 from quant.layers.int8 import Int8DynamicLinear
 from quant.layers.int8_grouped import Int8G32Linear
+from tests.app.test_llama_runner import PROMPTS
 from tests.app.test_llama_runner import TINY as LLAMA_TINY
+from tests.support.runner_steps import replay_release_join
 
 CPU = torch.device("cpu")
 MAX_LEN = 64
 TINY = {**LLAMA_TINY, "tie_word_embeddings": True}  # the lean runner tests' model, head tied
-PROMPTS = [[5, 17, 42, 7, 99], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5], [250, 8]]
 PRECISIONS = ["fp32", "int8", "int4", "int4+g32-head"]
 
 
@@ -189,26 +190,11 @@ def test_batched_decode_equals_one_by_one_bit_for_bit(tiny_llama, isa):
 def test_release_join_and_partial_steps(tiny_llama, isa):
     """Rows moved by release, a late joiner and a step over part of the batch: as LlamaRunner."""
     lean, native = LlamaRunner(tiny_llama, CPU, 3, MAX_LEN), NativeRunner(tiny_llama, CPU, 3, MAX_LEN)
-    for runner in (lean, native):
-        for slot, prompt in enumerate(PROMPTS):
-            runner.prefill(slot, prompt)
-    steps = [
-        ([0, 1, 2], [11, 12, 13]),
-        ("release", 0),  # row 0 freed: the last row moves into it
-        ([2, 1], [14, 15]),
-        ("prefill", 3, [21, 22, 23, 24]),
-        ([1, 3, 2], [16, 17, 18]),
-        ([3], [19]),
-        ([2, 3], [20, 21]),
-    ]
-    for step in steps:
-        if step[0] == "release":
-            lean.release(step[1])
-            native.release(step[1])
-        elif step[0] == "prefill":
-            near(native.prefill(step[1], step[2]), lean.prefill(step[1], step[2]), "prefill")
-        else:
-            near(native.decode(*step), lean.decode(*step), f"decode {step}", 1e-4)
+
+    def compare(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+        near(actual, expected, what, 1e-5 if what == "prefill" else 1e-4)
+
+    replay_release_join(native, lean, PROMPTS, compare)
 
 
 def test_decode_checks_its_arguments(tiny_llama):
