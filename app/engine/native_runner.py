@@ -14,8 +14,9 @@ paths share every sequence's state. The decoder follows the kernels' ISA choice
 What it takes (`native_unsupported_reason` says what it does not): a Llama-family model that
 LlamaRunner runs, in float32, on CPU, with head_dim a multiple of 16 and hidden/intermediate
 sizes multiples of 32; every linear (projections and head) either a float32 `nn.Linear` or
-one of our `Int8WeightOnlyLinear`, `Int4WeightOnlyLinear` (group size a multiple of 32) or
-`Int8G32Linear`; the embedding a float32 `nn.Embedding` or an int8 g32 table.
+one of our `Int8WeightOnlyLinear`, `Int4WeightOnlyLinear` (group size a multiple of 32),
+`Int8G32Linear`, `Fp8WeightOnlyLinear` (e4m3 or e5m2) or `NF4Linear` (block size a multiple
+of 32); the embedding a float32 `nn.Embedding` or an int8 g32 table.
 
 Memory: quantized weights are repacked, so the decoder holds a second copy of them (the
 layers' own buffers stay for prefill); float32 weights are read in place.
@@ -30,9 +31,12 @@ from torch import nn
 
 from app.engine.llama_runner import _MLP, _PROJECTIONS, LlamaRunner, unsupported_reason
 from quant.kernels import native_ops
+from quant.kernels.choose import nf4_code_table
+from quant.layers.fp8 import Fp8WeightOnlyLinear
 from quant.layers.int4 import Int4WeightOnlyLinear
 from quant.layers.int8 import Int8WeightOnlyLinear
 from quant.layers.int8_grouped import Int8G32Linear
+from quant.layers.nf4 import NF4Linear
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +71,17 @@ def linear_spec(module: nn.Module) -> LinearSpec | str:
         spec = ("int4", [module.packed, module.scales, module.mins], module.group_size, bias)
     elif type(module) is Int8G32Linear:
         spec = ("int8_g32", [module.weight_int8, module.scales], 0, bias)
+    elif type(module) is Fp8WeightOnlyLinear:
+        spec = (f"fp8_{module.fmt}", [module.weight_fp8, module.scale], 0, bias)
+    elif type(module) is NF4Linear:
+        if module.absmax.dtype != torch.float16:
+            return "nf4 absmax is not float16"
+        if module.block_size % _BLOCK:
+            return f"nf4 block size {module.block_size} is not a multiple of {_BLOCK}"
+        spec = ("nf4", [module.packed, module.absmax, nf4_code_table()], module.block_size, bias)
     else:
         return f"layer type {type(module).__name__} has no native decode kernel"
-    in_features = spec[1][0].shape[1] * (2 if spec[0] == "int4" else 1)
+    in_features = spec[1][0].shape[1] * (2 if spec[0] in ("int4", "nf4") else 1)
     if in_features % _BLOCK:
         return f"in_features {in_features} is not a multiple of {_BLOCK}"
     return spec

@@ -5,13 +5,19 @@ Storage formats (shared by quant modes and kernels):
 - int4: `packed` uint8 [N, K // 2] (code of k = 2i in the low nibble, k = 2i+1 in
   the high nibble), `scales` and `mins` float16 [N, K // group_size];
   w[n, k] ≈ code * scales[n, k // g] + mins[n, k // g], codes 0..15.
+- nf4: `packed` as int4 (NormalFloat level indices), `absmax` float16 [N, K // block_size];
+  w[n, k] = NF4_CODE[code] * absmax[n, k // block_size].
+- fp8: `weight_fp8` float8_e4m3fn or float8_e5m2 [N, K], `scale` float32 [N];
+  w = float(weight_fp8) * scale[:, None].
 
 Kernels (`choose.py`): small objects, one per implementation of a format, each with a `name`
 (reported by layers, `QuantReport.kernels` and `/info`) and `can_implement(spec)`:
 - "quantserve-<isa>": our C++ kernels (`csrc/`, ops `torch.ops.quantserve.*`), preferred on
-  CPU for float32/bfloat16 activations. They quantize activations to int8 on the fly (per
-  32-element block; per row for int8-dynamic, as its reference does) and run integer SIMD
-  dot products: AVX2 everywhere, AVX-512 VNNI where the CPU has it.
+  CPU for float32/bfloat16 activations. The int8 and int4 ops quantize activations to int8
+  on the fly (per 32-element block; per row for int8-dynamic, as its reference does) and run
+  integer SIMD dot products: AVX2 everywhere, AVX-512 VNNI where the CPU has it. The nf4 and
+  fp8 ops (`csrc/lut_ops.cpp`) look their codes up into float32 strips of 16 rows and keep
+  the activations exact; the native decode step runs all four formats in packed tiles.
 - "reference": dequantize-then-float-matmul in plain torch (`reference.py`; any device, dtype, shape).
 - "bitsandbytes": bitsandbytes' own modules.
 A layer asks `choose_kernel(spec)` once, when it is built (and again when `.to()` converts its
@@ -25,7 +31,8 @@ before loading; until then the environment's QS_KERNELS (`reference` forces the 
 no build) and QS_KERNEL_ISA (`avx2` or `avx512vnni`; default: the best the CPU runs) apply, for
 the CLIs.
 
-The functional ops below (`int8_linear`, `int8_dynamic_linear`, `int4_linear`) serve callers
+The functional ops below (`int8_linear`, `int8_dynamic_linear`, `int4_linear`, `nf4_linear`,
+`fp8_linear`) serve callers
 without a layer (tools, tests): they choose for the tensors they are given, on every call.
 """
 
@@ -85,6 +92,7 @@ __all__ = [
     "choose_kernel",
     "configure",
     "dequantize_int4",
+    "fp8_linear",
     "int4_group_size_reason",
     "int4_kernel_name",
     "int4_linear",
@@ -93,6 +101,7 @@ __all__ = [
     "int8_linear",
     "kernel_name",
     "native_ops",
+    "nf4_linear",
     "use_reference",
 ]
 
@@ -133,3 +142,28 @@ def int4_linear(
         act_dtype=x.dtype,
     )
     return choose_kernel(spec)(x, packed, scales, mins, group_size, bias)
+
+
+def nf4_linear(
+    x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, block_size: int, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """y = x · dequant_nf4(packed, absmax)ᵀ + bias, for x [..., K]."""
+    spec = LinearSpec(
+        NF4,
+        packed.shape[1] * 2,
+        packed.shape[0],
+        group_size=block_size,
+        scale_dtype=absmax.dtype,
+        device=x.device.type,
+        act_dtype=x.dtype,
+    )
+    return choose_kernel(spec)(x, packed, absmax, block_size, bias)
+
+
+def fp8_linear(
+    x: torch.Tensor, weight_fp8: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """y = x · (float(weight_fp8) * scale)ᵀ + bias, for x [..., K]."""
+    n, k = weight_fp8.shape
+    spec = LinearSpec(FP8, k, n, scale_dtype=scale.dtype, device=x.device.type, act_dtype=x.dtype)
+    return choose_kernel(spec)(x, weight_fp8, scale, bias)

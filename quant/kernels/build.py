@@ -24,8 +24,9 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
 # decoder.cpp: the native decode step (quantserve.NativeDecoder / NativeLinear);
-# grouped_ops.cpp: quantserve::int8_g32_linear (the Q8_0-layout output head).
-SOURCES = ("ops.cpp", "avx2.cpp", "avx512.cpp", "decoder.cpp", "grouped_ops.cpp")
+# grouped_ops.cpp: quantserve::int8_g32_linear (the Q8_0-layout output head);
+# lut_ops.cpp: quantserve::fp8_linear and nf4_linear.
+SOURCES = ("ops.cpp", "avx2.cpp", "avx512.cpp", "decoder.cpp", "grouped_ops.cpp", "lut_ops.cpp")
 HEADERS = ("qs_kernels.h", "qs_impl.h", "qs_decode_impl.h", "qs_runtime.h")
 # -fopenmp: at::parallel_for is inline; compiled without OpenMP it silently runs on one thread.
 CFLAGS = ("-O3", "-fopenmp")

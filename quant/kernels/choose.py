@@ -21,6 +21,7 @@ from torch import nn
 
 from quant.kernels import native, reference
 from quant.kernels.native import REFERENCE
+from quant.primitives import NF4_CODE
 
 ACTIVATION_DTYPES = (torch.float32, torch.bfloat16)  # what the native kernels take
 INT8_DYNAMIC_MAX_K = 65536  # the native kernel's int32 row accumulator stays exact below this
@@ -196,6 +197,10 @@ class QuantserveKernel(LinearKernel):
         """The format's own limits (shape, group size, scale dtype)."""
         return None
 
+    def op_args(self, tensors: tuple) -> tuple:
+        """The op's arguments after x, from the layer's (the same unless a format adds constants)."""
+        return tensors
+
     def __call__(self, x: torch.Tensor, *tensors) -> torch.Tensor:
         if native.reference_forced():  # use_reference(): the explicit A/B switch
             return self.reference(x, *tensors)
@@ -203,7 +208,7 @@ class QuantserveKernel(LinearKernel):
         if reason:  # only what cannot be known at quantize time (see runtime_reason)
             native.log_once((self.format, reason), logging.WARNING, "%s: reference path for %s", self.format, reason)
             return self.reference(x, *tensors)
-        return getattr(torch.ops.quantserve, self.op).default(x, *tensors)
+        return getattr(torch.ops.quantserve, self.op).default(x, *self.op_args(tensors))
 
 
 class QuantserveInt8Kernel(QuantserveKernel):
@@ -247,6 +252,43 @@ class QuantserveInt4Kernel(QuantserveKernel):
         return int4_group_size_reason(spec.group_size or 0) or None
 
 
+class QuantserveFp8Kernel(QuantserveKernel):
+    """float8 codes widened exactly to float32 (no activation rounding); e4m3 and e5m2."""
+
+    format = FP8
+    op = "fp8_linear"
+    reference_kernel = ReferenceFp8Kernel
+
+
+def nf4_code_table() -> torch.Tensor:
+    """The 16 NF4 levels as the kernels take them (float32 [16]; one tensor per process)."""
+    global _NF4_TABLE
+    if _NF4_TABLE is None:
+        with torch.inference_mode(False):  # a normal tensor, usable inside and outside inference mode
+            _NF4_TABLE = torch.tensor(NF4_CODE, dtype=torch.float32)
+    return _NF4_TABLE
+
+
+_NF4_TABLE: torch.Tensor | None = None
+
+
+class QuantserveNF4Kernel(QuantserveKernel):
+    """NF4 levels looked up per code; the layer's tensors plus the level table."""
+
+    format = NF4
+    op = "nf4_linear"
+    reference_kernel = ReferenceNF4Kernel
+
+    def can_take(self, spec: LinearSpec) -> str | None:
+        if spec.scale_dtype != torch.float16:
+            return f"absmax of dtype {spec.scale_dtype} (the kernel takes float16)"
+        return None
+
+    def op_args(self, tensors: tuple) -> tuple:
+        packed, absmax, block_size, bias = tensors
+        return packed, absmax, nf4_code_table(), block_size, bias
+
+
 # ---- the chooser ---------------------------------------------------------------------
 
 # Candidates per storage format, best first; the last of each can run anything.
@@ -255,8 +297,8 @@ CANDIDATES: dict[str, tuple[type[LinearKernel], ...]] = {
     INT8_DYNAMIC: (QuantserveInt8DynamicKernel, ReferenceInt8DynamicKernel),
     INT8_G32: (QuantserveInt8G32Kernel, ReferenceInt8G32Kernel),
     INT4: (QuantserveInt4Kernel, ReferenceInt4Kernel),
-    NF4: (ReferenceNF4Kernel,),
-    FP8: (ReferenceFp8Kernel,),
+    NF4: (QuantserveNF4Kernel, ReferenceNF4Kernel),
+    FP8: (QuantserveFp8Kernel, ReferenceFp8Kernel),
     BNB: (BitsandbytesKernel,),
     BNB_INT8: (BitsandbytesInt8Kernel,),
 }

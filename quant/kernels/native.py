@@ -97,6 +97,8 @@ def _register_fakes() -> None:
     torch.library.register_fake("quantserve::int8_linear")(lambda x, w, s, b: linear_out(x, w.shape[0]))
     torch.library.register_fake("quantserve::int8_dynamic_linear")(lambda x, w, s, b: linear_out(x, w.shape[0]))
     torch.library.register_fake("quantserve::int4_linear")(lambda x, p, s, m, g, b: linear_out(x, p.shape[0]))
+    torch.library.register_fake("quantserve::nf4_linear")(lambda x, p, a, c, g, b: linear_out(x, p.shape[0]))
+    torch.library.register_fake("quantserve::fp8_linear")(lambda x, w, s, b: linear_out(x, w.shape[0]))
 
 
 _NATIVE = _Native()

@@ -27,7 +27,7 @@ from quant.layers.nf4 import NF4Linear
 from tests.support.env import clean_env
 
 REPO = Path(__file__).resolve().parents[2]
-NATIVE_OPS = ("int8_linear", "int8_dynamic_linear", "int4_linear")
+NATIVE_OPS = ("int8_linear", "int8_dynamic_linear", "int4_linear", "nf4_linear", "fp8_linear")
 REFERENCE_FNS = ("int8_linear", "int8_dynamic_linear", "int4_linear", "nf4_linear", "fp8_linear")
 
 
@@ -65,8 +65,8 @@ LAYER_CASES: dict[str, tuple[Callable[[nn.Linear], nn.Module], str | None, str]]
     "int8-mixed": (Int8MixedLinear.from_linear, "int8_dynamic_linear", "int8_dynamic_linear"),
     "int4-g64": (lambda lin: Int4WeightOnlyLinear.from_linear(lin, 64), "int4_linear", "int4_linear"),
     "int4-g96": (lambda lin: Int4WeightOnlyLinear.from_linear(lin, 96), None, "int4_linear"),  # not a kernel size
-    "nf4": (NF4Linear.from_linear, None, "nf4_linear"),
-    "fp8": (Fp8WeightOnlyLinear.from_linear, None, "fp8_linear"),
+    "nf4": (NF4Linear.from_linear, "nf4_linear", "nf4_linear"),
+    "fp8": (Fp8WeightOnlyLinear.from_linear, "fp8_linear", "fp8_linear"),
 }
 
 
@@ -107,6 +107,8 @@ def test_group_size_96_goes_to_the_reference_with_its_reason(ops, caplog: pytest
         (int4_spec(act_dtype=torch.float16), "torch.float16 activations"),
         (LinearSpec(qk.INT8, 64, 8, device="meta"), "meta tensors (the kernels are CPU only)"),
         (LinearSpec(qk.INT8_DYNAMIC, qk.INT8_DYNAMIC_MAX_K + 1, 8), "K = 65537 > 65536"),
+        (LinearSpec(qk.NF4, 128, 8, group_size=64, scale_dtype=torch.float32), "absmax of dtype torch.float32 (the kernel takes float16)"),
+        (LinearSpec(qk.FP8, 128, 8, act_dtype=torch.float16), "torch.float16 activations"),
     ],
 )  # fmt: skip
 def test_unsupported_specs_say_why(ops, spec: LinearSpec, reason: str) -> None:
@@ -115,9 +117,13 @@ def test_unsupported_specs_say_why(ops, spec: LinearSpec, reason: str) -> None:
     assert chosen.name == qk.REFERENCE and chosen.can_implement(spec) is None
 
 
+def test_lookup_formats_have_native_kernels(ops) -> None:
+    native = f"quantserve-{ops.isa()}"
+    assert choose_kernel(LinearSpec(qk.NF4, 128, 8, group_size=64, scale_dtype=torch.float16)).name == native
+    assert choose_kernel(LinearSpec(qk.FP8, 128, 8, scale_dtype=torch.float32)).name == native
+
+
 def test_formats_without_native_kernels() -> None:
-    assert choose_kernel(LinearSpec(qk.NF4, 128, 8, group_size=64, scale_dtype=torch.float16)).name == qk.REFERENCE
-    assert choose_kernel(LinearSpec(qk.FP8, 128, 8, scale_dtype=torch.float32)).name == qk.REFERENCE
     assert choose_kernel(LinearSpec(qk.BNB, 128, 8)).name == "bitsandbytes"
     assert choose_kernel(LinearSpec(qk.BNB_INT8, 128, 8)).name == "bitsandbytes"
     with pytest.raises(ValueError, match="no kernels for storage format"):
@@ -143,15 +149,14 @@ def test_a_new_format_registers_its_candidates(monkeypatch: pytest.MonkeyPatch) 
         choose.register_format("test-format", (choose.ReferenceInt8Kernel,))
 
 
-def test_layers_without_native_kernels_do_not_load_the_library(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_formats_without_native_kernels_do_not_load_the_library(monkeypatch: pytest.MonkeyPatch) -> None:
     import quant.kernels.build as build
 
     loads: list[int] = []
     monkeypatch.setattr(build, "load_library", lambda: loads.append(1))
     qk._NATIVE.reset()  # unresolved: the next native_ops() would load (here: count) the library
     try:
-        linear, _ = linear_and_input()
-        assert NF4Linear.from_linear(linear).kernel == Fp8WeightOnlyLinear.from_linear(linear).kernel == qk.REFERENCE
+        assert choose_kernel(LinearSpec(qk.BNB, 128, 8)).name == "bitsandbytes"
         assert loads == []
     finally:
         qk._NATIVE.reset()

@@ -10,6 +10,10 @@ Two comparisons per kernel, each with a bound derived from the arithmetic (not t
   rounding: |x - x̂| <= s_b / 2 for each element of block b, so
   |y - y_ref| <= Σ_b (s_b / 2) Σ_{k in b} |w_nk| (+ the float32 bound above).
 bfloat16 outputs add one rounding of the float32 result: 2^-8 |y|.
+
+The nf4 and fp8 ops round nothing but float32 arithmetic: each weight is looked up exactly
+(one more rounding when scaled) and the activations stay float32, so they are checked
+against float64 x · w with the GEMM bound 2·(K + 64)·u·Σ|x||w|.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import quant.kernels as qk
-from quant.primitives import pack_int4, quantize_affine, quantize_symmetric
+from quant.primitives import NF4_CODE, pack_int4, quantize_affine, quantize_fp8, quantize_nf4, quantize_symmetric
 
 U = 2.0**-24
 BLOCK = 32
@@ -64,21 +68,31 @@ def random_int4(n: int, k: int, g: int, gen: torch.Generator) -> tuple[torch.Ten
     return pack_int4(q.reshape(n, k)), scale.squeeze(-1).half(), (-zero * scale).squeeze(-1).half()
 
 
+# From this many activation rows on, int8_linear and int4_linear de-quantize the weight and run
+# a float32 GEMM (kDequantRows in ops.cpp); test_int4_path_switches_at_the_dequant_rows pins it.
+DEQUANT_ROWS = 128
+
+
+def gemm_bound(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """float32 x · wᵀ (+ bias) against float64: K products and sums, plus lane and bias sums."""
+    k = x.shape[-1]
+    magnitude = x.double().abs() @ w.double().abs().t() + (0 if bias is None else bias.double().abs())
+    return 2 * (k + 64) * U * magnitude + 1e-30
+
+
 def check_int8(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, bias: torch.Tensor | None) -> None:
     y = qk.int8_linear(x, w, s, bias)
     assert y.shape == (*x.shape[:-1], w.shape[0]) and y.dtype == x.dtype
     w_abs = w.double().abs() * s.double()[:, None]
     b = 0 if bias is None else bias.double()
-    x_hat, step = block_quantized(x)
     w64 = w.double() * s.double()[:, None]
+    if x.numel() // max(x.shape[-1], 1) >= DEQUANT_ROWS:  # de-quantized float32 GEMM, x not rounded
+        assert_within(y, x.double() @ w64.t() + b, gemm_bound(x, w64, bias), "int8 (de-quantized GEMM) vs reference")
+        return
+    x_hat, step = block_quantized(x)
     rounding = float_bound(x.shape[-1], x_hat.abs() @ w_abs.t() + (0 if bias is None else bias.double().abs()))
     assert_within(y, x_hat @ w64.t() + b, rounding, "int8 vs emulation")
     assert_within(y, x.double() @ w64.t() + b, (step / 2) @ w_abs.t() + rounding, "int8 vs reference")
-
-
-# From this many activation rows on, int4_linear de-quantizes the weight and runs a float32
-# GEMM (kInt4DequantRows in ops.cpp); test_int4_path_switches_at_the_dequant_rows pins it.
-INT4_DEQUANT_ROWS = 128
 
 
 def check_int4(x, packed, scales, mins, g, bias) -> None:
@@ -86,11 +100,10 @@ def check_int4(x, packed, scales, mins, g, bias) -> None:
     assert y.shape == (*x.shape[:-1], packed.shape[0]) and y.dtype == x.dtype
     n, k = packed.shape[0], packed.shape[1] * 2
     b = 0 if bias is None else bias.double()
-    if x.numel() // max(k, 1) >= INT4_DEQUANT_ROWS:
+    if x.numel() // max(k, 1) >= DEQUANT_ROWS:
         # float32 GEMM over the reference's float32 weights: K products and sums, no activation rounding
         w = qk.dequantize_int4(packed, scales, mins, g).double()
-        bound = 2 * (k + 64) * U * (x.double().abs() @ w.abs().t() + (0 if bias is None else bias.double().abs()))
-        assert_within(y, x.double() @ w.t() + b, bound + 1e-30, "int4 (de-quantized GEMM) vs reference")
+        assert_within(y, x.double() @ w.t() + b, gemm_bound(x, w, bias), "int4 (de-quantized GEMM) vs reference")
         return
     codes = torch.stack((packed & 15, packed >> 4), -1).reshape(n, k).double()
     scaled = (codes.reshape(n, k // g, g) * scales.double()[..., None]).reshape(n, k)  # code * scale part
@@ -166,7 +179,7 @@ def test_int4_path_switches_at_the_dequant_rows(isa: str, dtype: torch.dtype) ->
     """Below the threshold the activations are rounded to int8 per block; from it on they are not."""
     gen = torch.Generator().manual_seed(5)
     packed, scales, mins = random_int4(96, 576, 64, gen)
-    x = torch.randn(INT4_DEQUANT_ROWS, 576, generator=gen).to(dtype)
+    x = torch.randn(DEQUANT_ROWS, 576, generator=gen).to(dtype)
     exact = (x.float() @ qk.dequantize_int4(packed, scales, mins, 64).t()).to(dtype)
     below = qk.int4_linear(x[:-1], packed, scales, mins, 64, None)
     at = qk.int4_linear(x, packed, scales, mins, 64, None)
@@ -174,6 +187,90 @@ def test_int4_path_switches_at_the_dequant_rows(isa: str, dtype: torch.dtype) ->
     assert (below.float() - exact[:-1].float()).abs().max() > 1e-3  # int8 activation rounding shows
     check_int4(x[:-1], packed, scales, mins, 64, None)
     check_int4(x, packed, scales, mins, 64, None)
+
+
+def random_fp8(n: int, k: int, fmt: str, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    q, scale = quantize_fp8(torch.randn(n, k, generator=gen), fmt)
+    return q, scale.squeeze(-1)
+
+
+def random_nf4(n: int, k: int, block: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    codes, absmax = quantize_nf4(torch.randn(n, k, generator=gen), block)
+    return pack_int4(codes.reshape(n, k)), absmax.squeeze(-1).half()
+
+
+def nf4_weight(packed: torch.Tensor, absmax: torch.Tensor, block: int) -> torch.Tensor:
+    """The exact (float64) weight: the float32 NF4 levels times the float16 absmax."""
+    codes = torch.stack((packed & 15, packed >> 4), -1).reshape(packed.shape[0], -1).long()
+    levels = torch.tensor(NF4_CODE, dtype=torch.float32).double()[codes]
+    return levels * absmax.double().repeat_interleave(block, dim=1)
+
+
+def check_fp8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
+    y = qk.fp8_linear(x, q, scale, bias)
+    assert y.shape == (*x.shape[:-1], q.shape[0]) and y.dtype == x.dtype
+    w = q.double() * scale.double()[:, None]
+    b = 0 if bias is None else bias.double()
+    assert_within(y, x.double() @ w.t() + b, gemm_bound(x, w, bias), f"fp8 {q.dtype} vs reference")
+
+
+def check_nf4(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, block: int, bias) -> None:
+    y = qk.nf4_linear(x, packed, absmax, block, bias)
+    assert y.shape == (*x.shape[:-1], packed.shape[0]) and y.dtype == x.dtype
+    w = nf4_weight(packed, absmax, block)
+    b = 0 if bias is None else bias.double()
+    assert_within(y, x.double() @ w.t() + b, gemm_bound(x, w, bias), "nf4 vs reference")
+
+
+# (m, k, n, nf4 block): K % 32 != 0 takes the whole-matrix fallback; m = 257 the GEMM path
+LUT_CASES = [
+    (1, 64, 17, 64),
+    (3, 160, 2050, 32),
+    (8, 2080, 100, 32),
+    (5, 90, 33, 30),
+    (127, 192, 17, 64),
+    (257, 384, 33, 128),
+    (1, 576, 1536, 64),
+    (8, 1536, 576, 64),
+    (3, 576, 192, 64),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("m", "k", "n", "block"), LUT_CASES)
+def test_fp8_linear(isa: str, m: int, k: int, n: int, block: int, dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(m * 17 + k + n)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    bias = torch.randn(n, generator=gen) if n % 2 else None
+    for fmt in ("e4m3", "e5m2"):
+        check_fp8(x, *random_fp8(n, k, fmt, gen), bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("m", "k", "n", "block"), LUT_CASES)
+def test_nf4_linear(isa: str, m: int, k: int, n: int, block: int, dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(m * 19 + k + n + block)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    bias = torch.randn(n, generator=gen) if n % 2 else None
+    check_nf4(x, *random_nf4(n, k, block, gen), block, bias)
+
+
+def test_lut_ops_match_their_layers_reference(isa: str) -> None:
+    """The kernels compute what the reference path does, on the layers' own storage."""
+    from quant.layers.fp8 import Fp8WeightOnlyLinear
+    from quant.layers.nf4 import NF4Linear
+
+    torch.manual_seed(9)
+    linear = torch.nn.Linear(192, 40)
+    x = torch.randn(4, 192)
+    for layer in (
+        NF4Linear.from_linear(linear),
+        *(Fp8WeightOnlyLinear.from_linear(linear, f) for f in ("e4m3", "e5m2")),
+    ):
+        assert layer.kernel == f"quantserve-{isa}"
+        with qk.use_reference():
+            want = layer(x)
+        torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
 
 
 @settings(max_examples=25, deadline=None)
@@ -197,6 +294,8 @@ def test_shapes_property(ops, m: int, k: int, n: int, groups: int, g: int, with_
             check_int8(x, *random_int8(n, k, gen), bias)
             k4 = groups * g
             check_int4(torch.randn(m, k4, generator=gen), *random_int4(n, k4, g, gen), g, bias)
+            check_nf4(torch.randn(m, k4, generator=gen), *random_nf4(n, k4, g, gen), g, bias)
+            check_fp8(x, *random_fp8(n, k, "e4m3" if seed % 2 else "e5m2", gen), bias)
     finally:
         ops.set_isa(previous)
 
@@ -222,6 +321,11 @@ def test_custom_ops_pass_opcheck(ops) -> None:
     torch.library.opcheck(ops.int8_linear.default, (x, w, s, bias))
     torch.library.opcheck(ops.int8_dynamic_linear.default, (x, w, s, None))
     torch.library.opcheck(ops.int4_linear.default, (x, packed, scales, mins, 32, bias))
+    nf4_packed, absmax = random_nf4(8, 64, 32, gen)
+    torch.library.opcheck(ops.nf4_linear.default, (x, nf4_packed, absmax, qk.choose.nf4_code_table(), 32, bias))
+    # test_schema multiplies every input, which torch does not implement for float8 on CPU
+    fp8_checks = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    torch.library.opcheck(ops.fp8_linear.default, (x, *random_fp8(8, 64, "e4m3", gen), None), test_utils=fp8_checks)
 
 
 def test_compiles_with_torch_compile(ops) -> None:

@@ -4,6 +4,9 @@ Bounds, derived from the arithmetic as in test_kernels.py:
 - packed kernels against the library's own ops on the same input: both quantize the
   activations identically and their integer sums are exact, so only float32 summation order
   differs: within 2·n·u·Σ|terms| (n = K/32 + 64, u = 2^-24), i.e. `float_bound`;
+- fp8 reads float32 activations and exact weights: float32 GEMM rounding only (`gemm_bound`);
+- nf4 rounds activations like int4 and looks each level up as coarse + fine / 254 int8 parts
+  (qs_kernels.h): against the emulation x̂ · w it adds at most absmax / (2·254·127) per weight;
 - int8 g32 against its emulation (activations quantized per 32-block, exact integer dots,
   one float multiply per block): the same float bound; against the float reference it adds
   the activation rounding, |x - x̂| <= s_b / 2 per element.
@@ -18,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import quant.kernels as qk
-from quant.kernels.choose import ReferenceInt8G32Kernel
+from quant.kernels.choose import ReferenceInt8G32Kernel, nf4_code_table
 from quant.kernels.native import use_reference
 from quant.kernels.reference import dequantize_int8_g32
 from quant.layers.int8_grouped import Int8G32Linear, quantize_int8_g32
@@ -26,8 +29,12 @@ from tests.quant.test_kernels import (  # the kernels' own emulation and bounds
     assert_within,
     block_quantized,
     float_bound,
+    gemm_bound,
+    nf4_weight,
+    random_fp8,
     random_int4,
     random_int8,
+    random_nf4,
 )
 
 
@@ -61,6 +68,29 @@ def test_packed_int8_and_int4_match_the_ops(isa: str, m: int, k: int, n: int) ->
         magnitude = (x_hat.abs() + x.double().abs()) @ (w4.abs() + mins.double().abs().max()).t() + bias.double().abs()
         want = qk.int4_linear(x, packed, scales, mins, g, bias).double()
         assert_within(got, want, 2 * float_bound(k, magnitude), f"packed int4 g{g}")
+
+
+@pytest.mark.parametrize(("m", "k", "n"), SHAPES)
+def test_packed_fp8_and_nf4_match_the_reference(isa: str, m: int, k: int, n: int) -> None:
+    gen = torch.Generator().manual_seed(m * 103 + k + n)
+    x = torch.randn(m, k, generator=gen) * 3
+    bias = torch.randn(n, generator=gen) if n % 2 else None
+    b = 0 if bias is None else bias.double()
+    for fmt in ("e4m3", "e5m2"):
+        q, scale = random_fp8(n, k, fmt, gen)
+        w = q.double() * scale.double()[:, None]
+        got = native_linear(f"fp8_{fmt}", [q, scale], bias=bias).forward(x)
+        assert_within(got, x.double() @ w.t() + b, gemm_bound(x, w, bias), f"packed fp8 {fmt}")
+    x_hat, step = block_quantized(x)
+    for block in (32, 64) if k % 64 == 0 else (32,):
+        packed, absmax = random_nf4(n, k, block, gen)
+        w = nf4_weight(packed, absmax, block)
+        got = native_linear("nf4", [packed, absmax, nf4_code_table()], block, bias).forward(x)
+        level_error = x_hat.abs() @ (absmax.double().repeat_interleave(block, dim=1) / (2 * 254 * 127)).t()
+        rounding = 4 * float_bound(k, x_hat.abs() @ w.abs().t() + (0 if bias is None else bias.double().abs()))
+        assert_within(got, x_hat @ w.t() + b, level_error + rounding, f"packed nf4 b{block} vs emulation")
+        want = x.double() @ w.t() + b
+        assert_within(got, want, (step / 2) @ w.abs().t() + level_error + rounding, f"packed nf4 b{block} vs reference")
 
 
 @pytest.mark.parametrize(("m", "k", "n"), SHAPES)
@@ -101,7 +131,14 @@ def test_team_and_batch_do_not_change_results(ops) -> None:
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(5, 576, generator=gen)
     packed, scales, mins = random_int4(1536, 576, 64, gen)
-    for kind, tensors, g in [("int4", [packed, scales, mins], 64), ("int8_g32", list(random_g32(300, 576, gen)), 0)]:
+    nf4 = [*random_nf4(200, 576, 64, gen), nf4_code_table()]
+    cases = [
+        ("int4", [packed, scales, mins], 64),
+        ("int8_g32", list(random_g32(300, 576, gen)), 0),
+        ("nf4", nf4, 64),
+        ("fp8_e4m3", list(random_fp8(100, 576, "e4m3", gen)), 0),
+    ]
+    for kind, tensors, g in cases:
         one = native_linear(kind, tensors, g, threads=1).forward(x)
         two = native_linear(kind, tensors, g, threads=2).forward(x)
         rows = torch.cat([native_linear(kind, tensors, g, threads=2).forward(x[i : i + 1]) for i in range(5)])
@@ -119,7 +156,7 @@ def test_native_linear_rejects_bad_weights(ops) -> None:
     with pytest.raises(RuntimeError, match="multiple of 32"):
         native_linear("int8", [torch.zeros(4, 40, dtype=torch.int8), torch.ones(4)])
     with pytest.raises(RuntimeError, match="unknown linear kind"):
-        native_linear("nf4", [torch.zeros(4, 64)])
+        native_linear("int3", [torch.zeros(4, 64)])
 
 
 # ---- the layer ---------------------------------------------------------------------------

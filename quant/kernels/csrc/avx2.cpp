@@ -317,6 +317,110 @@ struct Avx2 {
         for (int h = 0; h < 2; ++h) _mm256_storeu_ps(y + (m0 + i) * ldy + (t - t0) * kTile + 8 * h, acc[i][h]);
     }
   }
+
+  // fp8 codes (one input of 16 rows per 16 bytes) widened to float32 (qs_kernels.h) and
+  // multiplied in fp32. Two accumulators per row and half (inputs of even and odd position).
+  template <int MR, bool kE4M3>
+  static void fp8_tiles(const PackedMatrix& w, const DecodeActs& a, int64_t m0, int64_t t0, int64_t t1, float* y,
+                        int64_t ldy) {
+    const int64_t K = w.K;
+    const float* x[MR];
+    for (int i = 0; i < MR; ++i) x[i] = a.x + (m0 + i) * K;
+    const __m256i e4m3_bits = _mm256_set1_epi16(static_cast<short>(0xbf80));
+    for (int64_t t = t0; t < t1; ++t) {
+      const uint8_t* tile = w.data + t * w.tile_bytes;
+      const uint8_t* codes = tile + w.header_bytes;
+      __m256 acc[MR][2][2];  // [row][half][input parity]
+      for (int i = 0; i < MR; ++i)
+        for (int h = 0; h < 2; ++h) acc[i][h][0] = acc[i][h][1] = _mm256_setzero_ps();
+      for (int64_t k = 0; k < K; ++k) {
+        const uint8_t* line = codes + k * kTile;
+        if (k % 4 == 0) prefetch_ahead(line);
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(line));
+        const __m256i h16 = kE4M3 ? _mm256_and_si256(_mm256_slli_epi16(_mm256_cvtepi8_epi16(v), 7), e4m3_bits)
+                                  : _mm256_slli_epi16(_mm256_cvtepu8_epi16(v), 8);
+        const __m256 w0 = _mm256_cvtph_ps(_mm256_castsi256_si128(h16));
+        const __m256 w1 = _mm256_cvtph_ps(_mm256_extracti128_si256(h16, 1));
+        const int p = static_cast<int>(k & 1);
+        for (int i = 0; i < MR; ++i) {
+          const __m256 xv = _mm256_broadcast_ss(x[i] + k);
+          acc[i][0][p] = _mm256_fmadd_ps(w0, xv, acc[i][0][p]);
+          acc[i][1][p] = _mm256_fmadd_ps(w1, xv, acc[i][1][p]);
+        }
+      }
+      const float* ws = reinterpret_cast<const float*>(tile);
+      for (int i = 0; i < MR; ++i)
+        for (int h = 0; h < 2; ++h)
+          _mm256_storeu_ps(y + (m0 + i) * ldy + (t - t0) * kTile + 8 * h,
+                           _mm256_mul_ps(_mm256_add_ps(acc[i][h][0], acc[i][h][1]), _mm256_loadu_ps(ws + 8 * h)));
+    }
+  }
+
+  // nf4: the int4 tile layout; each nibble looks up its level's coarse and fine int8 parts
+  // (qs_kernels.h) with vpshufb, multiplied with the sign trick of int8_tiles (|w| * (x * sign(w))).
+  template <int MR>
+  static void nf4_tiles(const PackedMatrix& w, const DecodeActs& a, int64_t m0, int64_t t0, int64_t t1, float* y,
+                        int64_t ldy) {
+    const int64_t K = w.K, blocks = K / kBlock, per_group = w.group_size / kBlock;
+    const int8_t* x[MR];
+    const float* xs[MR];
+    for (int i = 0; i < MR; ++i) {
+      x[i] = a.codes + (m0 + i) * K;
+      xs[i] = a.scales + (m0 + i) * blocks;
+    }
+    const __m256i coarse = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.nf4_coarse)));
+    const __m256i fine = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.nf4_fine)));
+    const __m256i low4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+    const __m256 fine_weight = _mm256_set1_ps(1.0f / 254.0f), inv_127 = _mm256_set1_ps(1.0f / 127.0f);
+    auto dot = [&](__m256i acc, __m256i w_abs, __m256i w_signed, __m256i xb) {
+      return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w_abs, _mm256_sign_epi8(xb, w_signed)), ones));
+    };
+    for (int64_t t = t0; t < t1; ++t) {
+      const uint8_t* tile = w.data + t * w.tile_bytes;
+      const uint16_t* absmax = reinterpret_cast<const uint16_t*>(tile);
+      const uint8_t* codes = tile + w.header_bytes;
+      __m256 acc[MR][2];
+      for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+      for (int64_t b = 0; b < blocks; ++b) {
+        const uint16_t* ab = absmax + (b / per_group) * kTile;
+        const uint8_t* cb = codes + b * (kBlock * kTile / 2);
+        __m256i dc[MR][2], df[MR][2];
+        for (int i = 0; i < MR; ++i)
+          for (int h = 0; h < 2; ++h) dc[i][h] = df[i][h] = _mm256_setzero_si256();
+        for (int c = 0; c < 4; ++c) {
+          prefetch_ahead(cb + 64 * c);
+          __m256i cl[2], ch[2], fl[2], fh[2];
+          for (int h = 0; h < 2; ++h) {
+            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cb + 64 * c + 32 * h));
+            const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+            cl[h] = _mm256_shuffle_epi8(coarse, lo);
+            ch[h] = _mm256_shuffle_epi8(coarse, hi);
+            fl[h] = _mm256_shuffle_epi8(fine, lo);
+            fh[h] = _mm256_shuffle_epi8(fine, hi);
+          }
+          for (int i = 0; i < MR; ++i) {
+            const int8_t* xp = x[i] + b * kBlock + 8 * c;
+            const __m256i xl = _mm256_set1_epi32(load_i32(xp)), xh = _mm256_set1_epi32(load_i32(xp + 4));
+            for (int h = 0; h < 2; ++h) {
+              dc[i][h] = dot(dot(dc[i][h], _mm256_abs_epi8(cl[h]), cl[h], xl), _mm256_abs_epi8(ch[h]), ch[h], xh);
+              df[i][h] = dot(dot(df[i][h], _mm256_abs_epi8(fl[h]), fl[h], xl), _mm256_abs_epi8(fh[h]), fh[h], xh);
+            }
+          }
+        }
+        for (int h = 0; h < 2; ++h) {
+          const __m256 d = _mm256_mul_ps(
+              _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ab + 8 * h))), inv_127);
+          for (int i = 0; i < MR; ++i) {
+            // coarse + fine / 254: the block's dot product with the levels x 127
+            const __m256 v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(df[i][h]), fine_weight, _mm256_cvtepi32_ps(dc[i][h]));
+            acc[i][h] = _mm256_fmadd_ps(v, _mm256_mul_ps(d, _mm256_set1_ps(xs[i][b])), acc[i][h]);
+          }
+        }
+      }
+      for (int i = 0; i < MR; ++i)
+        for (int h = 0; h < 2; ++h) _mm256_storeu_ps(y + (m0 + i) * ldy + (t - t0) * kTile + 8 * h, acc[i][h]);
+    }
+  }
 };
 
 }  // namespace

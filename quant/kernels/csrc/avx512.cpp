@@ -308,6 +308,110 @@ struct Avx512Vnni {
       for (int i = 0; i < MR; ++i) _mm512_storeu_ps(y + (m0 + i) * ldy + (t - t0) * kTile, acc[i]);
     }
   }
+
+  // fp8 codes (one input of 16 rows per 16 bytes) widened to float32 and multiplied in fp32:
+  // the weights are exact, nothing is rounded but the sums. Four accumulators per row (one per
+  // input of a 64-byte line) hide the FMA latency; the same four for any number of rows.
+  template <int MR, bool kE4M3>
+  static void fp8_tiles(const PackedMatrix& w, const DecodeActs& a, int64_t m0, int64_t t0, int64_t t1, float* y,
+                        int64_t ldy) {
+    const int64_t K = w.K;
+    const float* x[MR];
+    for (int i = 0; i < MR; ++i) x[i] = a.x + (m0 + i) * K;
+    // 16 codes -> 16 fp16 bit patterns on 256-bit registers (three ports, not two), then widened
+    const __m256i e4m3_bits = _mm256_set1_epi16(static_cast<short>(0xbf80));
+    auto widen = [&](const uint8_t* p) {
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+      const __m256i h = kE4M3 ? _mm256_and_si256(_mm256_slli_epi16(_mm256_cvtepi8_epi16(v), 7), e4m3_bits)
+                              : _mm256_slli_epi16(_mm256_cvtepu8_epi16(v), 8);
+      return _mm512_cvtph_ps(h);
+    };
+    for (int64_t t = t0; t < t1; ++t) {
+      const uint8_t* tile = w.data + t * w.tile_bytes;
+      const uint8_t* codes = tile + w.header_bytes;
+      __m512 acc[MR][4];
+      for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
+      for (int64_t k = 0; k < K; k += 4) {
+        const uint8_t* line = codes + k * kTile;
+        prefetch_ahead(line);
+        const __m512 wv[4] = {widen(line), widen(line + 16), widen(line + 32), widen(line + 48)};
+        for (int i = 0; i < MR; ++i)
+          for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_fmadd_ps(wv[j], _mm512_set1_ps(x[i][k + j]), acc[i][j]);
+      }
+      const __m512 ws = _mm512_loadu_ps(reinterpret_cast<const float*>(tile));
+      for (int i = 0; i < MR; ++i) {
+        const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]), _mm512_add_ps(acc[i][2], acc[i][3]));
+        _mm512_storeu_ps(y + (m0 + i) * ldy + (t - t0) * kTile, _mm512_mul_ps(sum, ws));
+      }
+    }
+  }
+
+  // nf4: the int4 tile layout; each nibble looks up its level's coarse and fine int8 parts
+  // (qs_kernels.h) with vpshufb, stored + 128 as vpdpbusd's unsigned operand, and the
+  // 128 * sum(x codes) excess of each block is subtracted exactly. Lows and highs accumulate
+  // apart (four independent chains per row).
+  template <int MR>
+  static void nf4_tiles(const PackedMatrix& w, const DecodeActs& a, int64_t m0, int64_t t0, int64_t t1, float* y,
+                        int64_t ldy) {
+    const int64_t K = w.K, blocks = K / kBlock, per_group = w.group_size / kBlock;
+    const int8_t* x[MR];
+    const float* xs[MR];
+    const int32_t* cs[MR];
+    for (int i = 0; i < MR; ++i) {
+      x[i] = a.codes + (m0 + i) * K;
+      xs[i] = a.scales + (m0 + i) * blocks;
+      cs[i] = a.code_sums + (m0 + i) * blocks;
+    }
+    alignas(16) uint8_t coarse_u8[16], fine_u8[16];
+    for (int c = 0; c < 16; ++c) {
+      coarse_u8[c] = static_cast<uint8_t>(w.nf4_coarse[c] + 128);
+      fine_u8[c] = static_cast<uint8_t>(w.nf4_fine[c] + 128);
+    }
+    const __m512i coarse = _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(coarse_u8)));
+    const __m512i fine = _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(fine_u8)));
+    const __m512i low4 = _mm512_set1_epi8(0x0f);
+    const __m512 fine_weight = _mm512_set1_ps(1.0f / 254.0f), inv_127 = _mm512_set1_ps(1.0f / 127.0f);
+    for (int64_t t = t0; t < t1; ++t) {
+      const uint8_t* tile = w.data + t * w.tile_bytes;
+      const uint16_t* absmax = reinterpret_cast<const uint16_t*>(tile);
+      const uint8_t* codes = tile + w.header_bytes;
+      __m512 acc[MR];
+      for (int i = 0; i < MR; ++i) acc[i] = _mm512_setzero_ps();
+      for (int64_t b = 0; b < blocks; ++b) {
+        const __m512 d = _mm512_mul_ps(
+            _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(absmax + (b / per_group) * kTile))),
+            inv_127);
+        const uint8_t* cb = codes + b * (kBlock * kTile / 2);
+        __m512i dc_lo[MR], dc_hi[MR], df_lo[MR], df_hi[MR];
+        for (int i = 0; i < MR; ++i) dc_lo[i] = dc_hi[i] = df_lo[i] = df_hi[i] = _mm512_setzero_si512();
+        for (int c = 0; c < 4; ++c) {
+          prefetch_ahead(cb + 64 * c);
+          const __m512i v = _mm512_loadu_si512(cb + 64 * c);
+          const __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+          const __m512i c_lo = _mm512_shuffle_epi8(coarse, lo), c_hi = _mm512_shuffle_epi8(coarse, hi);
+          const __m512i f_lo = _mm512_shuffle_epi8(fine, lo), f_hi = _mm512_shuffle_epi8(fine, hi);
+          for (int i = 0; i < MR; ++i) {
+            const int8_t* xp = x[i] + b * kBlock + 8 * c;
+            const __m512i xl = _mm512_set1_epi32(load_i32(xp)), xh = _mm512_set1_epi32(load_i32(xp + 4));
+            dc_lo[i] = _mm512_dpbusd_epi32(dc_lo[i], c_lo, xl);
+            dc_hi[i] = _mm512_dpbusd_epi32(dc_hi[i], c_hi, xh);
+            df_lo[i] = _mm512_dpbusd_epi32(df_lo[i], f_lo, xl);
+            df_hi[i] = _mm512_dpbusd_epi32(df_hi[i], f_hi, xh);
+          }
+        }
+        for (int i = 0; i < MR; ++i) {
+          const __m512i excess = _mm512_set1_epi32(128 * cs[i][b]);
+          const __m512i dc = _mm512_sub_epi32(_mm512_add_epi32(dc_lo[i], dc_hi[i]), excess);
+          const __m512i df = _mm512_sub_epi32(_mm512_add_epi32(df_lo[i], df_hi[i]), excess);
+          // coarse + fine / 254: the block's dot product with the levels x 127
+          const __m512 dot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(df), fine_weight, _mm512_cvtepi32_ps(dc));
+          acc[i] = _mm512_fmadd_ps(dot, _mm512_mul_ps(d, _mm512_set1_ps(xs[i][b])), acc[i]);
+        }
+      }
+      for (int i = 0; i < MR; ++i) _mm512_storeu_ps(y + (m0 + i) * ldy + (t - t0) * kTile, acc[i]);
+    }
+  }
 };
 
 }  // namespace

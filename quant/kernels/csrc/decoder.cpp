@@ -48,6 +48,11 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // ---- packing -------------------------------------------------------------------------
 
+// Whether a kind's kernel reads int8 activation codes (the float kernels read the floats).
+bool reads_codes(PackKind kind) {
+  return kind != PackKind::f32 && kind != PackKind::fp8_e4m3 && kind != PackKind::fp8_e5m2;
+}
+
 // A matrix as the decode kernels read it, with the tensors that keep its memory alive.
 struct Packed {
   PackedMatrix m{};
@@ -91,6 +96,43 @@ void pack_int8_codes(Packed& p, const int8_t* w) {
   }
 }
 
+// 4-bit codes [N, K / 2] (even k in the low nibble) into the tiles' "per 8 inputs: [16 rows][4]
+// bytes, byte i = code(k + i) | code(k + 4 + i) << 4" steps (int4 and nf4).
+void pack_nibble_codes(Packed& p, const uint8_t* src) {
+  const int64_t N = p.m.N, K = p.m.K;
+  auto code = [&](int64_t n, int64_t k) -> uint8_t {
+    const uint8_t byte = src[n * (K / 2) + k / 2];
+    return k % 2 == 0 ? (byte & 0x0f) : (byte >> 4);
+  };
+  for (int64_t n = 0; n < N; ++n) {
+    uint8_t* codes = p.storage.data_ptr<uint8_t>() + (n / kTile) * p.m.tile_bytes + p.m.header_bytes;
+    const int64_t r = n % kTile;
+    for (int64_t step = 0; step < K / 8; ++step)
+      for (int64_t i = 0; i < 4; ++i)
+        codes[step * 64 + r * 4 + i] = code(n, 8 * step + i) | (code(n, 8 * step + 4 + i) << 4);
+  }
+}
+
+// One fp16 value per row and group into the tiles' headers: header[g * 16 + row] at `offset` halves.
+void pack_half_header(Packed& p, const uint16_t* values, int64_t groups, int64_t offset) {
+  for (int64_t n = 0; n < p.m.N; ++n) {
+    uint16_t* header = reinterpret_cast<uint16_t*>(p.storage.data_ptr<uint8_t>() + (n / kTile) * p.m.tile_bytes);
+    for (int64_t g = 0; g < groups; ++g) header[offset + g * kTile + n % kTile] = values[n * groups + g];
+  }
+}
+
+// The coarse and fine int8 parts of the 16 NF4 levels (qs_kernels.h).
+void set_nf4_tables(Packed& p, const at::Tensor& code) {
+  const at::Tensor levels = checked(code, at::kFloat, {16}, "nf4 code table");
+  for (int c = 0; c < 16; ++c) {
+    const float scaled = 127.0f * levels.data_ptr<float>()[c];
+    TORCH_CHECK(std::fabs(scaled) <= 127.0f, "nf4 levels must lie in [-1, 1]");
+    const float coarse = std::nearbyint(scaled);
+    p.m.nf4_coarse[c] = static_cast<int8_t>(coarse);
+    p.m.nf4_fine[c] = static_cast<int8_t>(std::nearbyint(254.0f * (scaled - coarse)));
+  }
+}
+
 Packed pack(const std::string& kind, const std::vector<at::Tensor>& t, int64_t group_size,
             const std::optional<at::Tensor>& bias) {
   Packed p;
@@ -119,11 +161,7 @@ Packed pack(const std::string& kind, const std::vector<at::Tensor>& t, int64_t g
       const int64_t blocks = K / kBlock;
       const at::Tensor s = checked(t[1], at::kHalf, {N, blocks}, "int8_g32 scales");
       init_tiles(p, PackKind::int8_g32, N, K, blocks * kTile * 2, K * kTile);
-      const uint16_t* sd = reinterpret_cast<const uint16_t*>(s.data_ptr<at::Half>());
-      for (int64_t n = 0; n < N; ++n) {
-        uint16_t* header = reinterpret_cast<uint16_t*>(p.storage.data_ptr<uint8_t>() + (n / kTile) * p.m.tile_bytes);
-        for (int64_t b = 0; b < blocks; ++b) header[b * kTile + n % kTile] = sd[n * blocks + b];
-      }
+      pack_half_header(p, reinterpret_cast<const uint16_t*>(s.data_ptr<at::Half>()), blocks, 0);
     }
     pack_int8_codes(p, w.data_ptr<int8_t>());
   } else if (kind == "int4") {
@@ -137,28 +175,39 @@ Packed pack(const std::string& kind, const std::vector<at::Tensor>& t, int64_t g
     const at::Tensor mn = checked(t[2], at::kHalf, {N, groups}, "int4 mins");
     init_tiles(p, PackKind::int4, N, K, 2 * groups * kTile * 2, K / 2 * kTile);
     p.m.group_size = group_size;
-    const uint16_t* sd = reinterpret_cast<const uint16_t*>(s.data_ptr<at::Half>());
-    const uint16_t* md = reinterpret_cast<const uint16_t*>(mn.data_ptr<at::Half>());
-    const uint8_t* src = packed.data_ptr<uint8_t>();
-    auto code = [&](int64_t n, int64_t k) -> uint8_t {  // storage: even k in the low nibble
-      const uint8_t byte = src[n * (K / 2) + k / 2];
-      return k % 2 == 0 ? (byte & 0x0f) : (byte >> 4);
-    };
+    pack_half_header(p, reinterpret_cast<const uint16_t*>(s.data_ptr<at::Half>()), groups, 0);
+    pack_half_header(p, reinterpret_cast<const uint16_t*>(mn.data_ptr<at::Half>()), groups, groups * kTile);
+    pack_nibble_codes(p, packed.data_ptr<uint8_t>());
+  } else if (kind == "fp8_e4m3" || kind == "fp8_e5m2") {
+    const bool e4m3 = kind == "fp8_e4m3";
+    TORCH_CHECK(t.size() == 2 && t[0].dim() == 2, kind, " linear takes [weight_fp8 [N, K], scale [N]]");
+    const int64_t N = t[0].size(0), K = t[0].size(1);
+    const at::Tensor w = checked(t[0], e4m3 ? at::kFloat8_e4m3fn : at::kFloat8_e5m2, {N, K}, "fp8 weight");
+    const at::Tensor s = checked(t[1].to(at::kFloat), at::kFloat, {N}, "fp8 scale");
+    init_tiles(p, e4m3 ? PackKind::fp8_e4m3 : PackKind::fp8_e5m2, N, K, kTile * 4, K * kTile);
+    const float factor = e4m3 ? 256.0f : 1.0f;  // e4m3 codes read as fp16 are value / 2^8
+    const uint8_t* src = static_cast<const uint8_t*>(w.data_ptr());
     for (int64_t n = 0; n < N; ++n) {
       uint8_t* tile = p.storage.data_ptr<uint8_t>() + (n / kTile) * p.m.tile_bytes;
-      const int64_t r = n % kTile;
-      uint16_t* header = reinterpret_cast<uint16_t*>(tile);
-      for (int64_t g = 0; g < groups; ++g) {
-        header[g * kTile + r] = sd[n * groups + g];
-        header[(groups + g) * kTile + r] = md[n * groups + g];
-      }
+      reinterpret_cast<float*>(tile)[n % kTile] = s.data_ptr<float>()[n] * factor;
       uint8_t* codes = tile + p.m.header_bytes;
-      for (int64_t step = 0; step < K / 8; ++step)
-        for (int64_t i = 0; i < 4; ++i)
-          codes[step * 64 + r * 4 + i] = code(n, 8 * step + i) | (code(n, 8 * step + 4 + i) << 4);
+      for (int64_t k = 0; k < K; ++k) codes[k * kTile + n % kTile] = src[n * K + k];
     }
+  } else if (kind == "nf4") {
+    TORCH_CHECK(t.size() == 3 && t[0].dim() == 2, "nf4 linear takes [packed [N, K/2], absmax, code [16]]");
+    const int64_t N = t[0].size(0), K = t[0].size(1) * 2;
+    TORCH_CHECK(group_size > 0 && group_size % kBlock == 0 && K % group_size == 0,
+                "native decode: nf4 block size must be a multiple of 32 dividing K, got ", group_size);
+    const int64_t groups = K / group_size;
+    const at::Tensor packed = checked(t[0], at::kByte, {N, K / 2}, "nf4 packed");
+    const at::Tensor absmax = checked(t[1], at::kHalf, {N, groups}, "nf4 absmax");
+    init_tiles(p, PackKind::nf4, N, K, groups * kTile * 2, K / 2 * kTile);
+    p.m.group_size = group_size;
+    set_nf4_tables(p, t[2]);
+    pack_half_header(p, reinterpret_cast<const uint16_t*>(absmax.data_ptr<at::Half>()), groups, 0);
+    pack_nibble_codes(p, packed.data_ptr<uint8_t>());
   } else {
-    TORCH_CHECK(false, "native decode: unknown linear kind '", kind, "' (f32, int8, int4, int8_g32)");
+    TORCH_CHECK(false, "native decode: unknown linear kind '", kind, "' (f32, int8, int4, int8_g32, fp8_e4m3, fp8_e5m2, nf4)");
   }
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->numel() == p.m.N, "bias must have ", p.m.N, " elements");
@@ -293,7 +342,7 @@ class NativeLinear : public torch::CustomClassHolder {
     Scratch& s = scratch_[thread];
     for (int64_t it = 0; it < iters_; ++it) {
       const Packed& p = copies_[it % copies_used_];
-      const DecodeActs a = s.prepare(*kt_, x_, M_, p.m.K, nullptr, 0.0f, p.m.kind != PackKind::f32);
+      const DecodeActs a = s.prepare(*kt_, x_, M_, p.m.K, nullptr, 0.0f, reads_codes(p.m.kind));
       const float* bias = p.bias.defined() ? p.bias.data_ptr<float>() : nullptr;
       ItemCounter& counter = counters_[it];
       for (int64_t item = counter.take(); item < items_; item = counter.take()) {
@@ -557,7 +606,9 @@ class NativeDecoder : public torch::CustomClassHolder {
     }
   }
 
-  static bool quantized(const Packed& p) { return p.m.kind != PackKind::f32; }
+  static bool quantized(const Packed& p) {
+    return reads_codes(p.m.kind);
+  }
 
   // x[j] * cos[j] + rotate_half(x)[j] * sin[j], as LlamaRunner's rotation matrices apply it.
   void rope(const float* x, int64_t position, float* out) const {

@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/linear.h>
+#include <ATen/ops/mul.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -154,8 +155,22 @@ at::Tensor int8_any(Kind kind, const at::Tensor& x, const at::Tensor& w_int8, co
   return run(args, x, bias);
 }
 
+// From this many activation rows on (prefill), the weight-only formats are compute-bound: the
+// weight is de-quantized once (O(N·K)) and torch's float GEMM beats int8 dot products with a
+// float multiply per 32-block (O(M·N·K/32) float work); the activations are not rounded to int8.
+constexpr int64_t kDequantRows = 128;
+
+int64_t rows_of(const at::Tensor& x, int64_t K) { return x.numel() / std::max<int64_t>(K, 1); }
+
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w_int8, const at::Tensor& scale,
                        const std::optional<at::Tensor>& bias) {
+  check_int8_weight(w_int8, scale);
+  if (rows_of(x, w_int8.size(1)) >= kDequantRows) {
+    // float32 GEMM for bfloat16 activations too: the weights stay exact, one rounding of y at the end
+    const at::Tensor w = at::mul(w_int8.to(at::kFloat), scale.to(at::kFloat).reshape({-1, 1}));
+    const std::optional<at::Tensor> b = bias.has_value() ? std::optional<at::Tensor>(bias->to(at::kFloat)) : std::nullopt;
+    return at::linear(x.to(at::kFloat), w, b).to(x.scalar_type());
+  }
   return int8_any(Kind::int8_block, x, w_int8, scale, bias);
 }
 
@@ -165,11 +180,6 @@ at::Tensor int8_dynamic_linear(const at::Tensor& x, const at::Tensor& w_int8, co
   TORCH_CHECK(w_int8.size(1) <= 65536, "int8_dynamic_linear: K > 65536 could overflow int32 accumulators");
   return int8_any(Kind::int8_row, x, w_int8, w_scale, bias);
 }
-
-// From this many activation rows on (prefill), int4 is compute-bound: de-quantizing the weight
-// once (O(N·K)) and running torch's float GEMM beats int8 dot products with a scale per block
-// (O(M·N·K/32) float work), and the activations are not rounded to int8.
-constexpr int64_t kInt4DequantRows = 128;
 
 // w[n, k] = code * scale + min, float32 [N, K]; even k in the low nibble.
 at::Tensor dequantize_int4(const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& mins,
@@ -216,7 +226,7 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
     TORCH_CHECK(t->scalar_type() == at::kHalf && t->dim() == 2 && t->size(0) == N && t->size(1) == groups,
                 "int4 scales and mins must be float16 [", N, ", ", groups, "]");
   const at::Tensor p = packed.contiguous(), s = scales.contiguous(), mn = mins.contiguous();
-  if (x.numel() / std::max<int64_t>(K, 1) >= kInt4DequantRows)
+  if (rows_of(x, K) >= kDequantRows)
     return dequantized_linear(x, p, s, mn, group_size, bias);
   LinearArgs args{};
   args.kind = Kind::int4;

@@ -153,6 +153,12 @@ void gemv_rows(const PackedMatrix& w, const DecodeActs& a, int64_t m, int64_t t0
       return Isa::template int8_tiles<MR, true>(w, a, m, t0, t1, y, ldy);
     case PackKind::int4:
       return Isa::template int4_tiles<MR>(w, a, m, t0, t1, y, ldy);
+    case PackKind::fp8_e4m3:
+      return Isa::template fp8_tiles<MR, true>(w, a, m, t0, t1, y, ldy);
+    case PackKind::fp8_e5m2:
+      return Isa::template fp8_tiles<MR, false>(w, a, m, t0, t1, y, ldy);
+    case PackKind::nf4:
+      return Isa::template nf4_tiles<MR>(w, a, m, t0, t1, y, ldy);
   }
 }
 

@@ -63,15 +63,28 @@ enum class PackKind : int32_t {
   int4 = 2,      // header fp16 scale[groups][16], fp16 min[groups][16]; then per 8 inputs k..k+7:
                  //   uint8 [16 rows][4], byte i = code(k + i) | code(k + 4 + i) << 4
   int8_g32 = 3,  // header fp16 scale[K / 32][16]; then per 4 inputs: int8 w[16 rows][4]
+  fp8_e4m3 = 4,  // header float32 scale[16] (x 2^8, see below); then per input: fp8 w[16 rows]
+  fp8_e5m2 = 5,  // header float32 scale[16]; then per input: fp8 w[16 rows]
+  nf4 = 6,       // header fp16 absmax[K / group_size][16]; codes as int4 (NF4 level indices)
 };
+// fp8 codes become fp16 bits with two integer ops and are widened exactly by vcvtph2ps
+// (subnormals included): e5m2 is the top byte of an fp16; e4m3 shifted into an fp16 is its
+// value / 2^8 (exponent bias 7 against 15), so the e4m3 header holds scale * 2^8. The NaN
+// codes of e4m3fn read as 480: our quantizer never writes them.
+//
+// nf4 levels as int8 dot-product operands: level = (coarse + fine / 254) / 127 with
+// coarse = round(127 * level) and fine = round(254 * (127 * level - coarse)), both int8 and
+// looked up in registers (vpshufb); off by at most 1.6e-5 x absmax, 30x below the float16
+// rounding of the stored absmax itself.
 // Headers are zero-padded to a multiple of 64 bytes; rows past N hold zeros.
 
 struct PackedMatrix {
   PackKind kind;
   int64_t N, K;
   int64_t tiles;       // ceil(N / kTile)
-  int64_t group_size;  // int4 only
+  int64_t group_size;  // int4 and nf4
   int64_t header_bytes, tile_bytes;
+  int8_t nf4_coarse[16], nf4_fine[16];  // nf4 only
   const uint8_t* data;  // tiles (not f32)
   const float* f32;     // [N, K] (f32 only)
 };
