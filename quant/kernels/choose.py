@@ -13,6 +13,7 @@ pure tensor functions below them (`quant.kernels.reference`, `torch.ops.quantser
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import ClassVar, NamedTuple
 
@@ -260,16 +261,11 @@ class QuantserveFp8Kernel(QuantserveKernel):
     reference_kernel = ReferenceFp8Kernel
 
 
+@functools.cache
 def nf4_code_table() -> torch.Tensor:
     """The 16 NF4 levels as the kernels take them (float32 [16]; one tensor per process)."""
-    global _NF4_TABLE
-    if _NF4_TABLE is None:
-        with torch.inference_mode(False):  # a normal tensor, usable inside and outside inference mode
-            _NF4_TABLE = torch.tensor(NF4_CODE, dtype=torch.float32)
-    return _NF4_TABLE
-
-
-_NF4_TABLE: torch.Tensor | None = None
+    with torch.inference_mode(False):  # a normal tensor, usable inside and outside inference mode
+        return torch.tensor(NF4_CODE, dtype=torch.float32)
 
 
 class QuantserveNF4Kernel(QuantserveKernel):

@@ -13,10 +13,11 @@ from quant.primitives import FP8_DTYPES, dequantize_fp8, quantize_fp8
 
 
 class Fp8WeightOnlyLinear(QuantizedLinear):
-    """Forward upcasts the float8 weight to the activation dtype and scales the output per channel.
+    """Forward runs the chosen kernel: ours on CPU (codes widened exactly to float32), else
+    upcast the float8 weight to the activation dtype and scale the output per channel.
 
     float8 matmuls (torch._scaled_mm) need float8 activations too and exist only on
-    recent GPUs, so this weight-only layer runs the same upcast path everywhere.
+    recent GPUs, so this layer is weight-only everywhere.
     """
 
     kernel_format: ClassVar[str] = FP8

@@ -17,7 +17,7 @@ from quant.primitives import dequantize_nf4_packed, pack_int4, quantize_nf4
 
 
 class NF4Linear(QuantizedLinear):
-    """Forward dequantizes to the activation dtype and runs a float matmul (no dedicated kernel yet)."""
+    """Forward runs the chosen kernel: ours on CPU (levels looked up per code), else dequantize and a float matmul."""
 
     kernel_format: ClassVar[str] = NF4
 

@@ -69,7 +69,7 @@ def random_int4(n: int, k: int, g: int, gen: torch.Generator) -> tuple[torch.Ten
 
 
 # From this many activation rows on, int8_linear and int4_linear de-quantize the weight and run
-# a float32 GEMM (kDequantRows in ops.cpp); test_int4_path_switches_at_the_dequant_rows pins it.
+# a float32 GEMM (kDequantRows in qs_kernels.h); test_int4_path_switches_at_the_dequant_rows pins it.
 DEQUANT_ROWS = 128
 
 

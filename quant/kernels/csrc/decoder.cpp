@@ -65,6 +65,8 @@ struct Packed {
   }
 };
 
+bool reads_codes(const Packed& p) { return reads_codes(p.m.kind); }
+
 at::Tensor checked(const at::Tensor& t, at::ScalarType dtype, std::vector<int64_t> shape, const char* what) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.sizes().vec() == shape, what, " must be a CPU ",
               c10::toString(dtype), " tensor of shape ", c10::IntArrayRef(shape), ", got ", t.scalar_type(), " ",
@@ -342,7 +344,7 @@ class NativeLinear : public torch::CustomClassHolder {
     Scratch& s = scratch_[thread];
     for (int64_t it = 0; it < iters_; ++it) {
       const Packed& p = copies_[it % copies_used_];
-      const DecodeActs a = s.prepare(*kt_, x_, M_, p.m.K, nullptr, 0.0f, reads_codes(p.m.kind));
+      const DecodeActs a = s.prepare(*kt_, x_, M_, p.m.K, nullptr, 0.0f, reads_codes(p));
       const float* bias = p.bias.defined() ? p.bias.data_ptr<float>() : nullptr;
       ItemCounter& counter = counters_[it];
       for (int64_t item = counter.take(); item < items_; item = counter.take()) {
@@ -606,10 +608,6 @@ class NativeDecoder : public torch::CustomClassHolder {
     }
   }
 
-  static bool quantized(const Packed& p) {
-    return reads_codes(p.m.kind);
-  }
-
   // x[j] * cos[j] + rotate_half(x)[j] * sin[j], as LlamaRunner's rotation matrices apply it.
   void rope(const float* x, int64_t position, float* out) const {
     const float* c = cos_.data_ptr<float>() + position * head_dim_;
@@ -647,7 +645,7 @@ class NativeDecoder : public torch::CustomClassHolder {
       const int64_t layer = static_cast<int64_t>(li);
       // q, k, v from one normalized, quantized copy of h; RoPE and the KV write in the epilogue
       {
-        const bool quant = quantized(l.linears[kQ]) || quantized(l.linears[kK]) || quantized(l.linears[kV]);
+        const bool quant = reads_codes(l.linears[kQ]) || reads_codes(l.linears[kK]) || reads_codes(l.linears[kV]);
         const DecodeActs a = s.prepare(*kt_, h_.data(), B_, hidden_, l.attn_norm.data_ptr<float>(), eps_, quant);
         record(thread, a, h_.data());
         ItemCounter& counter = counters_[phase++];
@@ -684,14 +682,14 @@ class NativeDecoder : public torch::CustomClassHolder {
       team_->barrier();
       // o_proj + residual
       {
-        const DecodeActs a = s.prepare(*kt_, attn_.data(), B_, q_dim, nullptr, eps_, quantized(l.linears[kO]));
+        const DecodeActs a = s.prepare(*kt_, attn_.data(), B_, q_dim, nullptr, eps_, reads_codes(l.linears[kO]));
         record(thread, a);
         residual_phase(l.linears[kO], a, o_items_, counters_[phase++], s);
       }
       team_->barrier();
       // gate and up from one normalized, quantized copy of h; SiLU(gate) * up in the epilogue
       {
-        const bool quant = quantized(l.linears[kGate]) || quantized(l.linears[kUp]);
+        const bool quant = reads_codes(l.linears[kGate]) || reads_codes(l.linears[kUp]);
         const DecodeActs a = s.prepare(*kt_, h_.data(), B_, hidden_, l.mlp_norm.data_ptr<float>(), eps_, quant);
         record(thread, a, h_.data());
         ItemCounter& counter = counters_[phase++];
@@ -709,14 +707,14 @@ class NativeDecoder : public torch::CustomClassHolder {
       // down + residual
       {
         const DecodeActs a =
-            s.prepare(*kt_, act_.data(), B_, intermediate_, nullptr, eps_, quantized(l.linears[kDown]));
+            s.prepare(*kt_, act_.data(), B_, intermediate_, nullptr, eps_, reads_codes(l.linears[kDown]));
         record(thread, a);
         residual_phase(l.linears[kDown], a, down_items_, counters_[phase++], s);
       }
       team_->barrier();
     }
     // final norm and output head
-    const DecodeActs a = s.prepare(*kt_, h_.data(), B_, hidden_, final_norm_.data_ptr<float>(), eps_, quantized(head_));
+    const DecodeActs a = s.prepare(*kt_, h_.data(), B_, hidden_, final_norm_.data_ptr<float>(), eps_, reads_codes(head_));
     record(thread, a, h_.data());
     ItemCounter& counter = counters_[phase++];
     for (int64_t i = counter.take(); i < static_cast<int64_t>(head_items_.size()); i = counter.take()) {

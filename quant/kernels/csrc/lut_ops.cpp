@@ -27,8 +27,6 @@
 namespace qs {
 namespace {
 
-constexpr int64_t kDequantRows = 128;
-
 // Writes rows [n0, n1) of the de-quantized weight, float32 [n1 - n0, K], to `out`.
 using DequantRows = std::function<void(int64_t n0, int64_t n1, float* out)>;
 

@@ -155,11 +155,6 @@ at::Tensor int8_any(Kind kind, const at::Tensor& x, const at::Tensor& w_int8, co
   return run(args, x, bias);
 }
 
-// From this many activation rows on (prefill), the weight-only formats are compute-bound: the
-// weight is de-quantized once (O(N·K)) and torch's float GEMM beats int8 dot products with a
-// float multiply per 32-block (O(M·N·K/32) float work); the activations are not rounded to int8.
-constexpr int64_t kDequantRows = 128;
-
 int64_t rows_of(const at::Tensor& x, int64_t K) { return x.numel() / std::max<int64_t>(K, 1); }
 
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w_int8, const at::Tensor& scale,

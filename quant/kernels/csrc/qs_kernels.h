@@ -18,6 +18,10 @@ enum class Kind : int32_t {
 
 constexpr int64_t kBlock = 32;  // activation quantization block
 constexpr int64_t kKPad = 128;  // quantized activation rows are zero-padded to a multiple of this
+// From this many activation rows on (prefill), the weight-only ops are compute-bound: the weight
+// is de-quantized once (O(N·K)) and torch's float32 GEMM beats integer dot products with a float
+// multiply per 32-block (O(M·N·K/32) float work); the activations are not rounded to int8.
+constexpr int64_t kDequantRows = 128;
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
