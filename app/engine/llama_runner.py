@@ -116,7 +116,14 @@ class _AllThreads:
 class LlamaRunner:
     """`ModelRunner` for the Llama family: one batched forward per decode step."""
 
-    def __init__(self, model: nn.Module, device: torch.device, max_slots: int, max_len: int) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        device: torch.device,
+        max_slots: int,
+        max_len: int,
+        cache_dtype: torch.dtype | None = None,
+    ) -> None:
         reason = unsupported_reason(model, max_len)
         if reason is not None:
             raise ValueError(f"LlamaRunner cannot run this model: {reason}")
@@ -136,8 +143,9 @@ class LlamaRunner:
         self.dtype = self.final_norm.dtype
         self.layers = [DecoderLayer.of(layer) for layer in base.layers]
         cache_shape = (len(self.layers), max_slots, self.kv_heads, max_len, self.head_dim)
-        self.k_cache = torch.empty(cache_shape, dtype=self.dtype, device=self.device)
-        self.v_cache = torch.empty(cache_shape, dtype=self.dtype, device=self.device)
+        # the compute dtype unless asked otherwise (the native step keeps float32 K/V for a 16-bit model)
+        self.k_cache = torch.empty(cache_shape, dtype=cache_dtype or self.dtype, device=self.device)
+        self.v_cache = torch.empty(cache_shape, dtype=cache_dtype or self.dtype, device=self.device)
         self._zeroed = [0] * max_slots  # positions of each row known to hold finite values
         self._rows: dict[int, int] = {}  # slot -> cache row
         self._lengths: dict[int, int] = {}  # slot -> tokens in its cache
@@ -150,10 +158,12 @@ class LlamaRunner:
         self._rotate = rotate
 
     @torch.inference_mode()
-    def _rope_tables(self, rotary_emb: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rope_tables(
+        self, rotary_emb: nn.Module, dtype: torch.dtype | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin [max_len, head_dim] from the model's own rotary module (its rope type and scaling)."""
         positions = torch.arange(self.max_len, device=self.device)[None]
-        probe = torch.empty(0, dtype=self.dtype, device=self.device)
+        probe = torch.empty(0, dtype=dtype or self.dtype, device=self.device)
         cos, sin = rotary_emb(probe, position_ids=positions)
         return cos[0], sin[0]
 

@@ -12,14 +12,18 @@ paths share every sequence's state. The decoder follows the kernels' ISA choice
 (QS_KERNEL_ISA / `quantserve.set_isa`) at every step.
 
 What it takes (`native_unsupported_reason` says what it does not): a Llama-family model that
-LlamaRunner runs, in float32, on CPU, with head_dim a multiple of 16 and hidden/intermediate
-sizes multiples of 32; every linear (projections and head) either a float32 `nn.Linear` or
-one of our `Int8WeightOnlyLinear`, `Int4WeightOnlyLinear` (group size a multiple of 32),
+LlamaRunner runs, in float32, bfloat16 or float16, on CPU, with head_dim a multiple of 16 and
+hidden/intermediate sizes multiples of 32; every linear (projections and head) either an
+`nn.Linear` in one of those dtypes or one of our `Int8WeightOnlyLinear`, `Int4WeightOnlyLinear` (group size a multiple of 32),
 `Int8G32Linear`, `Fp8WeightOnlyLinear` (e4m3 or e5m2) or `NF4Linear` (block size a multiple
-of 32); the embedding a float32 `nn.Embedding` or an int8 g32 table.
+of 32); the embedding an `nn.Embedding` in one of those dtypes or an int8 g32 table.
 
-Memory: quantized weights are repacked, so the decoder holds a second copy of them (the
-layers' own buffers stay for prefill); float32 weights are read in place.
+A 16-bit model's weights are widened exactly to float32 inside the kernels, and the step
+computes in float32 (its K/V cache too): the float32 matmul of the same weight values, where
+torch's 16-bit path rounds every activation to 16 bits.
+
+Memory: quantized and 16-bit weights are repacked, so the decoder holds a second copy of them
+(the layers' own buffers stay for prefill); float32 weights are read in place.
 """
 
 from __future__ import annotations
@@ -47,20 +51,26 @@ _BLOCK = 32
 LinearSpec = tuple[str, list[torch.Tensor], int, torch.Tensor | None]
 
 
-def _float32(t: torch.Tensor) -> bool:
-    return t.dtype == torch.float32 and t.device.type == "cpu"
+# the float dtypes the decoder reads in place (float32) or repacks (16-bit), by its kind names
+_FLOAT_KINDS = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+
+
+def _float_kind(t: torch.Tensor) -> str | None:
+    """The decoder's kind for a float tensor on CPU, or None."""
+    return _FLOAT_KINDS.get(t.dtype) if t.device.type == "cpu" else None
 
 
 def linear_spec(module: nn.Module) -> LinearSpec | str:
     """(kind, tensors, group size, bias) as the decoder takes a linear, or why it cannot."""
     bias = getattr(module, "bias", None)
-    if bias is not None and not _float32(bias):
+    if bias is not None and _float_kind(bias) is None:
         return f"{type(module).__name__} has a {bias.dtype} bias"
     # exact types: subclasses (e.g. Int8DynamicLinear) compute differently
     if type(module) is nn.Linear:
-        if not _float32(module.weight):
-            return f"nn.Linear weight is {module.weight.dtype} on {module.weight.device} (needs float32 on CPU)"
-        spec: LinearSpec = ("f32", [module.weight.detach()], 0, bias)
+        kind = _float_kind(module.weight)
+        if kind is None:
+            return f"nn.Linear weight is {module.weight.dtype} on {module.weight.device} (needs a float dtype on CPU)"
+        spec: LinearSpec = (kind, [module.weight.detach()], 0, bias)
     elif type(module) is Int8WeightOnlyLinear:
         spec = ("int8", [module.weight_int8, module.scale], 0, bias)
     elif type(module) is Int4WeightOnlyLinear:
@@ -94,9 +104,10 @@ def embedding_spec(module: nn.Module) -> tuple[str, list[torch.Tensor]] | str:
     if g32 and codes.dim() == 2 and scales.shape == (codes.shape[0], codes.shape[1] // _BLOCK):
         return "int8_g32", [codes, scales]
     if isinstance(module, nn.Embedding):
-        if not _float32(module.weight):
-            return f"embedding is {module.weight.dtype} (needs float32 on CPU)"
-        return "f32", [module.weight.detach()]
+        kind = _float_kind(module.weight)
+        if kind is None:
+            return f"embedding is {module.weight.dtype} on {module.weight.device} (needs a float dtype on CPU)"
+        return kind, [module.weight.detach()]
     return f"embedding type {type(module).__name__} is not supported"
 
 
@@ -117,8 +128,8 @@ def native_unsupported_reason(model: nn.Module, max_len: int | None = None) -> s
         if size % _BLOCK:
             return f"{name} {size} is not a multiple of {_BLOCK}"
     norms = [base.norm.weight] + [w for layer in base.layers for w in _norm_weights(layer)]
-    if not all(_float32(w) for w in norms):
-        return "the model is not float32 on CPU (norm weights)"
+    if not all(_float_kind(w) for w in norms):
+        return "the model is not float32, bfloat16 or float16 on CPU (norm weights)"
     embedding = embedding_spec(base.embed_tokens)
     if isinstance(embedding, str):
         return embedding
@@ -144,8 +155,11 @@ class NativeRunner(LlamaRunner):
         reason = native_unsupported_reason(model, max_len)
         if reason is not None:
             raise ValueError(f"NativeRunner cannot run this model: {reason}")
-        super().__init__(model, device, max_slots, max_len)
+        super().__init__(model, device, max_slots, max_len, cache_dtype=torch.float32)
         config, base = model.config, model.model
+        # the step's own RoPE tables: float32 whatever the model's dtype (prefill keeps the model's)
+        self.rope_float32 = self._rope_tables(base.rotary_emb, torch.float32)
+        cos, sin = self.rope_float32
         self.threads = threads or torch.get_num_threads()
         dims = [
             self.hidden_size,
@@ -161,8 +175,8 @@ class NativeRunner(LlamaRunner):
             float(self.eps),
             self.k_cache,
             self.v_cache,
-            self._cos.contiguous(),
-            self._sin.contiguous(),
+            cos.contiguous(),
+            sin.contiguous(),
             self.threads,
         )
         embedding = embedding_spec(base.embed_tokens)

@@ -7,7 +7,9 @@ Two kinds of checks:
   residual, gate/up and SiLU, down and residual, head). Quantized linears see identical
   activation codes, so only float32 summation order differs: within 1e-5 of each phase's
   magnitude. This holds for every precision, int4 included.
-- End to end: logits of whole greedy runs. fp32 and int8 stay within 1e-5 (relative); int4
+- End to end: logits of whole greedy runs. fp32 and int8 stay within 1e-5 (relative); bf16
+  and fp16 within 2% (torch's 16-bit path rounds every activation to 16 bits; the native step
+  computes in float32 with the same weights, which the phase checks hold to 1e-5); int4
   only within 2% of the largest logit, because its outputs are piecewise in the inputs: the
   activation codes are rounded per 32-block, and its min term (min x sum of 64 float inputs)
   turns 1e-7 differences (attention, summation order) into 1e-5 steps, which later layers
@@ -39,11 +41,14 @@ from tests.support.runner_steps import replay_release_join
 CPU = torch.device("cpu")
 MAX_LEN = 64
 TINY = {**LLAMA_TINY, "tie_word_embeddings": True}  # the lean runner tests' model, head tied
-PRECISIONS = ["fp32", "int8", "int4", "int4+g32-head"]
+PRECISIONS = ["fp32", "int8", "int4", "int4+g32-head", "bf16", "fp16"]
+HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def quantized(model: nn.Module, precision: str) -> nn.Module:
     model = copy.deepcopy(model)
+    if precision in HALF:
+        return model.to(HALF[precision])
     mode = precision.split("+")[0]
     if mode != "fp32":
         # "+g32-head": the service's default (QS_QUANTIZE_LM_HEAD=auto), the embedding reading the head's table
@@ -84,15 +89,21 @@ def near(actual: torch.Tensor, expected: torch.Tensor, what: str, rel: float = 1
     assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g}"
 
 
+def widened(model: nn.Module) -> nn.Module:
+    """A 16-bit model's float32 twin (the same weight values): what the native step computes with."""
+    return copy.deepcopy(model).float() if model.model.norm.weight.dtype in HALF.values() else model
+
+
 @torch.inference_mode()
 def check_phases(runner: NativeRunner, model: nn.Module, rows: list[int], positions: list[int], tokens: list[int]):
-    """Recompute every phase of the recorded step from its own inputs with the model's torch modules;
-    returns the logits of its final norm through the head."""
+    """Recompute every phase of the recorded step from its own inputs with the model's torch modules
+    (a 16-bit model's float32 twin); returns the logits of its final norm through the head."""
     recorded = iter(runner.recorded_inputs())
+    model = widened(model)
     base, cfg = model.model, model.config
     hidden, eps = cfg.hidden_size, cfg.rms_norm_eps
     heads, kv_heads, hd = runner.heads, runner.kv_heads, runner.head_dim
-    cos, sin = runner._cos[positions][:, None], runner._sin[positions][:, None]
+    cos, sin = (table[positions][:, None] for table in runner.rope_float32)
     rows_t, pos_t = torch.tensor(rows), torch.tensor(positions)
     expected_h = base.embed_tokens(torch.tensor(tokens))
     for i, layer in enumerate(base.layers):
@@ -173,7 +184,8 @@ def test_greedy_runs_match_the_lean_runner(tiny_llama, isa, precision, batched):
     slots, prompts = ([0, 1, 2], PROMPTS) if batched else ([0], PROMPTS[:1])
     expected = greedy(LlamaRunner(model, CPU, 3, MAX_LEN), slots, prompts, steps=16)
     actual = greedy(NativeRunner(model, CPU, 3, MAX_LEN), slots, prompts, steps=16)
-    rel = 2e-2 if precision.startswith("int4") else 1e-5
+    # 16-bit: torch's path rounds every activation to 16 bits, the native step keeps float32
+    rel = 2e-2 if precision.startswith("int4") or precision in HALF else 1e-5
     for got, want in zip(actual, expected, strict=True):
         assert got.argmax(-1).tolist() == want.argmax(-1).tolist()
         near(got, want, f"{precision} logits", rel)
@@ -215,7 +227,8 @@ def test_unsupported_models_say_why(tiny_llama):
     dynamic = copy.deepcopy(tiny_llama)
     dynamic.model.layers[0].mlp.down_proj = Int8DynamicLinear.from_linear(dynamic.model.layers[0].mlp.down_proj)
     assert "Int8DynamicLinear" in native_unsupported_reason(dynamic, MAX_LEN)
-    assert "float32" in native_unsupported_reason(copy.deepcopy(tiny_llama).to(torch.bfloat16), MAX_LEN)
+    assert native_unsupported_reason(copy.deepcopy(tiny_llama).to(torch.bfloat16), MAX_LEN) is None
+    assert "float32" in native_unsupported_reason(copy.deepcopy(tiny_llama).to(torch.float64), MAX_LEN)
     narrow = LlamaForCausalLM(LlamaConfig(**{**TINY, "num_attention_heads": 8, "num_key_value_heads": 4}))
     assert "head_dim 8" in native_unsupported_reason(narrow, MAX_LEN)
     with pytest.raises(ValueError, match="Int8DynamicLinear"):
@@ -247,3 +260,16 @@ def test_default_model_int4_with_g32_head(real_model):
         expected = check_phases(runner, model, [runner._rows[s] for s in slots], positions, tokens)
         near(logits, expected, "head")
         runner.record_inputs(False)
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("mode", ["fp8", "nf4", "bf16", "fp16"])
+def test_default_model_greedy_text_as_the_torch_path(real_model, mode):
+    """The modes the native step gained: the same greedy continuation as LlamaRunner's torch path
+    (the reference arithmetic for fp8 and nf4, torch's own 16-bit ops for bf16 and fp16)."""
+    loaded = real_model(mode)
+    prompt = loaded.tokenizer("The capital of France is Paris. The capital of Germany is")["input_ids"]
+    native = greedy(NativeRunner(loaded.model, CPU, 1, 96), [0], [prompt], steps=12)[0]
+    with qk.use_reference():
+        lean = greedy(LlamaRunner(loaded.model, CPU, 1, 96), [0], [prompt], steps=12)[0]
+    assert native.argmax(-1).tolist() == lean.argmax(-1).tolist()

@@ -255,6 +255,21 @@ def test_nf4_linear(isa: str, m: int, k: int, n: int, block: int, dtype: torch.d
     check_nf4(x, *random_nf4(n, k, block, gen), block, bias)
 
 
+@pytest.mark.parametrize("rows", [64, 256])  # the strip path and the de-quantize-once path
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+def test_fp8_linear_decodes_every_finite_code_exactly(isa: str, fmt: str, rows: int) -> None:
+    """Each of the 256 codes (the non-finite ones aside) in a column of its own: y = one product, exact."""
+    dtype = torch.float8_e4m3fn if fmt == "e4m3" else torch.float8_e5m2
+    codes = torch.arange(256, dtype=torch.uint8).view(dtype)
+    finite = torch.isfinite(codes.float())
+    q = torch.where(finite, codes.float(), 0.0).to(dtype).reshape(1, 256).repeat(3, 1)  # N = 3
+    scale = torch.tensor([1.0, 0.375, 3.0])
+    x = torch.eye(256)[torch.arange(rows) % 256]
+    y = qk.fp8_linear(x, q, scale, None)
+    want = (q.float() * scale[:, None]).t()[torch.arange(rows) % 256]
+    assert torch.equal(y, want)
+
+
 def test_lut_ops_match_their_layers_reference(isa: str) -> None:
     """The kernels compute what the reference path does, on the layers' own storage."""
     from quant.layers.fp8 import Fp8WeightOnlyLinear

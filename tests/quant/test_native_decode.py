@@ -93,13 +93,25 @@ def test_packed_fp8_and_nf4_match_the_reference(isa: str, m: int, k: int, n: int
         assert_within(got, want, (step / 2) @ w.abs().t() + level_error + rounding, f"packed nf4 b{block} vs reference")
 
 
+@pytest.mark.parametrize(("kind", "dtype"), [("f32", torch.float32), ("bf16", torch.bfloat16), ("f16", torch.float16)])
 @pytest.mark.parametrize(("m", "k", "n"), SHAPES)
-def test_packed_float32_matches_matmul(isa: str, m: int, k: int, n: int) -> None:
+def test_packed_float_weights_match_matmul(isa: str, m: int, k: int, n: int, kind: str, dtype: torch.dtype) -> None:
+    """16-bit weights are widened exactly: the float32 matmul of the same values, summation order aside."""
     gen = torch.Generator().manual_seed(k + n)
-    x, w = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen)
-    want = x.double() @ w.double().t()
-    got = native_linear("f32", [w]).forward(x)
-    assert_within(got, want, float_bound(k, x.double().abs() @ w.double().abs().t()), "packed f32")
+    x, w = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen).to(dtype)
+    bias = torch.randn(n, generator=gen) if n % 2 else None
+    want = x.double() @ w.double().t() + (0 if bias is None else bias.double())
+    magnitude = x.double().abs() @ w.double().abs().t() + (0 if bias is None else bias.double().abs())
+    got = native_linear(kind, [w], bias=bias).forward(x)
+    assert got.dtype == torch.float32
+    assert_within(got, want, float_bound(k, magnitude), f"packed {kind}")
+    # an error in the widening (a wrong byte, a lost subnormal) would be far above the bound
+    assert_within(
+        got,
+        (x.double() @ w.float().double().t()) + (0 if bias is None else bias.double()),
+        float_bound(k, magnitude),
+        f"packed {kind} vs widened",
+    )
 
 
 def check_int8_g32(got: torch.Tensor, x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias) -> None:

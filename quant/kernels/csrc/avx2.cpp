@@ -357,6 +357,42 @@ struct Avx2 {
     }
   }
 
+  // f16 / bf16 weights (one input of 16 rows per 32 bytes) widened exactly to float32 and
+  // multiplied in fp32, accumulators as fp8_tiles; no scale.
+  template <int MR, bool kBF16>
+  static void half_tiles(const PackedMatrix& w, const DecodeActs& a, int64_t m0, int64_t t0, int64_t t1, float* y,
+                         int64_t ldy) {
+    const int64_t K = w.K;
+    const float* x[MR];
+    for (int i = 0; i < MR; ++i) x[i] = a.x + (m0 + i) * K;
+    auto widen = [](const uint8_t* p) {
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+      return kBF16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16)) : _mm256_cvtph_ps(v);
+    };
+    for (int64_t t = t0; t < t1; ++t) {
+      const uint8_t* codes = w.data + t * w.tile_bytes + w.header_bytes;
+      __m256 acc[MR][2][2];  // [row][half][input parity]
+      for (int i = 0; i < MR; ++i)
+        for (int h = 0; h < 2; ++h) acc[i][h][0] = acc[i][h][1] = _mm256_setzero_ps();
+      for (int64_t k = 0; k < K; k += 4) {  // K % 32 == 0; four inputs a step, their parity static
+        const uint8_t* lines = codes + k * kTile * 2;
+        prefetch_ahead(lines);
+        prefetch_ahead(lines + 64);
+        for (int j = 0; j < 4; ++j) {
+          const __m256 w0 = widen(lines + 32 * j), w1 = widen(lines + 32 * j + 16);
+          for (int i = 0; i < MR; ++i) {
+            const __m256 xv = _mm256_broadcast_ss(x[i] + k + j);
+            acc[i][0][j & 1] = _mm256_fmadd_ps(w0, xv, acc[i][0][j & 1]);
+            acc[i][1][j & 1] = _mm256_fmadd_ps(w1, xv, acc[i][1][j & 1]);
+          }
+        }
+      }
+      for (int i = 0; i < MR; ++i)
+        for (int h = 0; h < 2; ++h)
+          _mm256_storeu_ps(y + (m0 + i) * ldy + (t - t0) * kTile + 8 * h, _mm256_add_ps(acc[i][h][0], acc[i][h][1]));
+    }
+  }
+
   // nf4: the int4 tile layout; each nibble looks up its level's coarse and fine int8 parts
   // (qs_kernels.h) with vpshufb, multiplied with the sign trick of int8_tiles (|w| * (x * sign(w))).
   template <int MR>
@@ -424,11 +460,48 @@ struct Avx2 {
   }
 };
 
+// fp8 codes widened to fp16 bits with the tiles' integer trick (qs_kernels.h), 8 at a time.
+void fp8_row(const uint8_t* codes, int64_t K, float scale, bool e4m3, const float* values, float* out) {
+  const __m256 s = _mm256_set1_ps(e4m3 ? scale * 256.0f : scale);
+  const __m128i e4m3_bits = _mm_set1_epi16(static_cast<short>(0xbf80));
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + k));
+    const __m128i h = e4m3 ? _mm_and_si128(_mm_slli_epi16(_mm_cvtepi8_epi16(v), 7), e4m3_bits)
+                           : _mm_slli_epi16(_mm_cvtepu8_epi16(v), 8);
+    _mm256_storeu_ps(out + k, _mm256_mul_ps(_mm256_cvtph_ps(h), s));
+  }
+  fp8_row_tail(codes, k, K, scale, values, out);
+}
+
+// 8 NF4 codes (4 bytes) -> 8 levels: vpermps on each half of the 16-level table, bit 3 picks.
+void nf4_row(const uint8_t* packed, int64_t K, const uint16_t* absmax, int64_t block, const float* levels,
+             float* out) {
+  const __m256 low_levels = _mm256_loadu_ps(levels), high_levels = _mm256_loadu_ps(levels + 8);
+  const __m128i low4 = _mm_set1_epi8(0x0f);
+  int64_t k = 0;
+  if (block % 8 == 0) {
+    for (; k + 8 <= K; k += 8) {
+      int32_t four;
+      __builtin_memcpy(&four, packed + k / 2, 4);
+      const __m128i b = _mm_cvtsi32_si128(four);
+      const __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
+      const __m256i idx = _mm256_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi));
+      const __m256 value = _mm256_blendv_ps(_mm256_permutevar8x32_ps(low_levels, idx),
+                                            _mm256_permutevar8x32_ps(high_levels, idx),
+                                            _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));  // bit 3 -> sign
+      _mm256_storeu_ps(out + k, _mm256_mul_ps(value, _mm256_set1_ps(_cvtsh_ss(absmax[k / block]))));
+    }
+  }
+  nf4_row_tail(packed, k, K, absmax, block, levels, out);
+}
+
 }  // namespace
 
 const KernelTable* avx2_table() {
   static const KernelTable table{"avx2",           &quantize<Avx2>, &gemm<Avx2>,  &quantize_row_impl,
-                                 &packed_gemv<Avx2>, &rms_norm_impl,  &silu_mul_impl, &attend_impl};
+                                 &packed_gemv<Avx2>, &rms_norm_impl,  &silu_mul_impl, &attend_impl,
+                                 &fp8_row,          &nf4_row};
   return &table;
 }
 

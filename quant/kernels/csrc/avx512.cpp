@@ -347,6 +347,37 @@ struct Avx512Vnni {
     }
   }
 
+  // f16 / bf16 weights (one input of 16 rows per 32 bytes) widened exactly to float32 and
+  // multiplied in fp32, four accumulators per row as fp8_tiles; no scale.
+  template <int MR, bool kBF16>
+  static void half_tiles(const PackedMatrix& w, const DecodeActs& a, int64_t m0, int64_t t0, int64_t t1, float* y,
+                         int64_t ldy) {
+    const int64_t K = w.K;
+    const float* x[MR];
+    for (int i = 0; i < MR; ++i) x[i] = a.x + (m0 + i) * K;
+    auto widen = [](const uint8_t* p) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+      return kBF16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16)) : _mm512_cvtph_ps(v);
+    };
+    for (int64_t t = t0; t < t1; ++t) {
+      const uint8_t* codes = w.data + t * w.tile_bytes + w.header_bytes;
+      __m512 acc[MR][4];
+      for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
+      for (int64_t k = 0; k < K; k += 4) {
+        const uint8_t* lines = codes + k * kTile * 2;
+        prefetch_ahead(lines);
+        prefetch_ahead(lines + 64);
+        const __m512 wv[4] = {widen(lines), widen(lines + 32), widen(lines + 64), widen(lines + 96)};
+        for (int i = 0; i < MR; ++i)
+          for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_fmadd_ps(wv[j], _mm512_set1_ps(x[i][k + j]), acc[i][j]);
+      }
+      for (int i = 0; i < MR; ++i)
+        _mm512_storeu_ps(y + (m0 + i) * ldy + (t - t0) * kTile,
+                         _mm512_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]), _mm512_add_ps(acc[i][2], acc[i][3])));
+    }
+  }
+
   // nf4: the int4 tile layout; each nibble looks up its level's coarse and fine int8 parts
   // (qs_kernels.h) with vpshufb, stored + 128 as vpdpbusd's unsigned operand, and the
   // 128 * sum(x codes) excess of each block is subtracted exactly. Lows and highs accumulate
@@ -414,12 +445,45 @@ struct Avx512Vnni {
   }
 };
 
+// fp8 codes widened to fp16 bits with the tiles' integer trick (qs_kernels.h), 16 at a time.
+void fp8_row(const uint8_t* codes, int64_t K, float scale, bool e4m3, const float* values, float* out) {
+  const __m512 s = _mm512_set1_ps(e4m3 ? scale * 256.0f : scale);
+  const __m256i e4m3_bits = _mm256_set1_epi16(static_cast<short>(0xbf80));
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + k));
+    const __m256i h = e4m3 ? _mm256_and_si256(_mm256_slli_epi16(_mm256_cvtepi8_epi16(v), 7), e4m3_bits)
+                           : _mm256_slli_epi16(_mm256_cvtepu8_epi16(v), 8);
+    _mm512_storeu_ps(out + k, _mm512_mul_ps(_mm512_cvtph_ps(h), s));
+  }
+  fp8_row_tail(codes, k, K, scale, values, out);
+}
+
+// 16 NF4 codes (8 bytes) -> 16 levels with one vpermps over the 16-level table.
+void nf4_row(const uint8_t* packed, int64_t K, const uint16_t* absmax, int64_t block, const float* levels,
+             float* out) {
+  const __m512 table = _mm512_loadu_ps(levels);
+  const __m128i low4 = _mm_set1_epi8(0x0f);
+  int64_t k = 0;
+  if (block % 16 == 0) {
+    for (; k + 16 <= K; k += 16) {
+      const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(packed + k / 2));
+      const __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
+      const __m512i idx = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi));
+      const __m512 a = _mm512_set1_ps(_cvtsh_ss(absmax[k / block]));
+      _mm512_storeu_ps(out + k, _mm512_mul_ps(_mm512_permutexvar_ps(idx, table), a));
+    }
+  }
+  nf4_row_tail(packed, k, K, absmax, block, levels, out);
+}
+
 }  // namespace
 
 const KernelTable* avx512_table() {
   static const KernelTable table{"avx512vnni",    &quantize<Avx512Vnni>, &gemm<Avx512Vnni>,
                                  &quantize_row_impl, &packed_gemv<Avx512Vnni>, &rms_norm_impl,
-                                 &silu_mul_impl,  &attend_impl};
+                                 &silu_mul_impl,  &attend_impl,         &fp8_row,
+                                 &nf4_row};
   return &table;
 }
 

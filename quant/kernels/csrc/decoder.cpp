@@ -50,7 +50,8 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Whether a kind's kernel reads int8 activation codes (the float kernels read the floats).
 bool reads_codes(PackKind kind) {
-  return kind != PackKind::f32 && kind != PackKind::fp8_e4m3 && kind != PackKind::fp8_e5m2;
+  return kind != PackKind::f32 && kind != PackKind::fp8_e4m3 && kind != PackKind::fp8_e5m2 && kind != PackKind::f16 &&
+         kind != PackKind::bf16;
 }
 
 // A matrix as the decode kernels read it, with the tensors that keep its memory alive.
@@ -208,8 +209,20 @@ Packed pack(const std::string& kind, const std::vector<at::Tensor>& t, int64_t g
     set_nf4_tables(p, t[2]);
     pack_half_header(p, reinterpret_cast<const uint16_t*>(absmax.data_ptr<at::Half>()), groups, 0);
     pack_nibble_codes(p, packed.data_ptr<uint8_t>());
+  } else if (kind == "f16" || kind == "bf16") {
+    const bool bf16 = kind == "bf16";
+    TORCH_CHECK(t.size() == 1 && t[0].dim() == 2, kind, " linear takes [weight [N, K]]");
+    const int64_t N = t[0].size(0), K = t[0].size(1);
+    const at::Tensor w = checked(t[0], bf16 ? at::kBFloat16 : at::kHalf, {N, K}, "half weight");
+    init_tiles(p, bf16 ? PackKind::bf16 : PackKind::f16, N, K, 0, K * kTile * 2);
+    const uint16_t* src = static_cast<const uint16_t*>(w.data_ptr());
+    for (int64_t n = 0; n < N; ++n) {
+      uint16_t* codes = reinterpret_cast<uint16_t*>(p.storage.data_ptr<uint8_t>() + (n / kTile) * p.m.tile_bytes);
+      for (int64_t k = 0; k < K; ++k) codes[k * kTile + n % kTile] = src[n * K + k];
+    }
   } else {
-    TORCH_CHECK(false, "native decode: unknown linear kind '", kind, "' (f32, int8, int4, int8_g32, fp8_e4m3, fp8_e5m2, nf4)");
+    TORCH_CHECK(false, "native decode: unknown linear kind '", kind,
+                "' (f32, f16, bf16, int8, int4, int8_g32, fp8_e4m3, fp8_e5m2, nf4)");
   }
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->numel() == p.m.N, "bias must have ", p.m.N, " elements");
@@ -435,8 +448,11 @@ class NativeDecoder : public torch::CustomClassHolder {
       TORCH_CHECK(t.size() == 2, "int8_g32 embedding takes [weight_int8, scales]");
       embed_ = checked(t[0], at::kChar, {vocab_, hidden_}, "embedding codes");
       embed_scales_ = checked(t[1], at::kHalf, {vocab_, hidden_ / kBlock}, "embedding scales");
+    } else if (kind == "f16" || kind == "bf16") {
+      TORCH_CHECK(t.size() == 1, kind, " embedding takes [weight]");
+      embed_ = checked(t[0], kind == "f16" ? at::kHalf : at::kBFloat16, {vocab_, hidden_}, "embedding");
     } else {
-      TORCH_CHECK(false, "native decode: embedding kind must be f32 or int8_g32, got ", kind);
+      TORCH_CHECK(false, "native decode: embedding kind must be f32, f16, bf16 or int8_g32, got ", kind);
     }
   }
 
@@ -586,7 +602,15 @@ class NativeDecoder : public torch::CustomClassHolder {
     for (int64_t b = 0; b < B_; ++b) {
       float* h = h_.data() + b * hidden_;
       if (!embed_scales_.defined()) {
-        std::memcpy(h, embed_.data_ptr<float>() + tokens[b] * hidden_, hidden_ * sizeof(float));
+        if (embed_.scalar_type() == at::kFloat) {
+          std::memcpy(h, embed_.data_ptr<float>() + tokens[b] * hidden_, hidden_ * sizeof(float));
+        } else if (embed_.scalar_type() == at::kHalf) {
+          const at::Half* row = embed_.data_ptr<at::Half>() + tokens[b] * hidden_;
+          for (int64_t i = 0; i < hidden_; ++i) h[i] = static_cast<float>(row[i]);
+        } else {
+          const at::BFloat16* row = embed_.data_ptr<at::BFloat16>() + tokens[b] * hidden_;
+          for (int64_t i = 0; i < hidden_; ++i) h[i] = static_cast<float>(row[i]);
+        }
         continue;
       }
       const int8_t* codes = embed_.data_ptr<int8_t>() + tokens[b] * hidden_;

@@ -3,6 +3,9 @@
 // decode step's packed tiles; these ops serve the torch path: prefill and callers without the
 // native step.
 //
+// De-quantization runs in the active ISA's row functions (qs_kernels.h: fp8 through fp16 bits
+// and vcvtph2ps, NF4 levels looked up with vpermps).
+//
 // Fewer than kDequantRows activation rows: the weight is de-quantized 16 rows at a time into
 // a thread's scratch (never the whole matrix) and multiplied there by the float32 tile kernel
 // of the active ISA. From kDequantRows on (prefill) the GEMM is compute-bound: the weight is
@@ -112,9 +115,9 @@ at::Tensor fp8_linear(const at::Tensor& x, const at::Tensor& weight_fp8, const a
   const uint8_t* codes = static_cast<const uint8_t*>(w.data_ptr());
   const float* sd = s.data_ptr<float>();
   const std::array<float, 256>& values = fp8_values(e4m3);
+  const KernelTable& table = active_kernel_table();
   const DequantRows dequant = [&](int64_t n0, int64_t n1, float* out) {
-    for (int64_t n = n0; n < n1; ++n)
-      for (int64_t k = 0; k < K; ++k) out[(n - n0) * K + k] = values[codes[n * K + k]] * sd[n];
+    for (int64_t n = n0; n < n1; ++n) table.fp8_row(codes + n * K, K, sd[n], e4m3, values.data(), out + (n - n0) * K);
   };
   return lookup_linear("fp8_linear", x, N, K, dequant, bias);
 }
@@ -134,16 +137,11 @@ at::Tensor nf4_linear(const at::Tensor& x, const at::Tensor& packed, const at::T
   const uint8_t* pd = p.data_ptr<uint8_t>();
   const at::Half* ad = a.data_ptr<at::Half>();
   const float* levels = c.data_ptr<float>();
+  const KernelTable& table = active_kernel_table();
   const DequantRows dequant = [&](int64_t n0, int64_t n1, float* out) {
-    for (int64_t n = n0; n < n1; ++n) {
-      float* row = out + (n - n0) * K;
-      for (int64_t k = 0; k < K; k += 2) {
-        const uint8_t byte = pd[n * (K / 2) + k / 2];
-        const float scale = static_cast<float>(ad[n * blocks + k / block_size]);
-        row[k] = levels[byte & 15] * scale;
-        row[k + 1] = levels[byte >> 4] * scale;
-      }
-    }
+    for (int64_t n = n0; n < n1; ++n)
+      table.nf4_row(pd + n * (K / 2), K, reinterpret_cast<const uint16_t*>(ad + n * blocks), block_size, levels,
+                    out + (n - n0) * K);
   };
   return lookup_linear("nf4_linear", x, N, K, dequant, bias);
 }

@@ -137,6 +137,22 @@ inline void attend_impl(const float* q, const float* keys, const float* values, 
   }
 }
 
+// ---- de-quantization rows: scalar tails shared by the ISA units -------------------
+
+inline void fp8_row_tail(const uint8_t* codes, int64_t k, int64_t K, float scale, const float* values, float* out) {
+  for (; k < K; ++k) out[k] = values[codes[k]] * scale;
+}
+
+inline void nf4_row_tail(const uint8_t* packed, int64_t k, int64_t K, const uint16_t* absmax, int64_t block,
+                         const float* levels, float* out) {
+  for (; k < K; k += 2) {
+    const uint8_t byte = packed[k / 2];
+    const float a = _cvtsh_ss(absmax[k / block]);
+    out[k] = levels[byte & 15] * a;
+    out[k + 1] = levels[byte >> 4] * a;
+  }
+}
+
 // ---- packed GEMV driver --------------------------------------------------------
 
 // Rows of activations go through the ISA's tile kernels up to kMaxRows at a time; every row
@@ -159,6 +175,10 @@ void gemv_rows(const PackedMatrix& w, const DecodeActs& a, int64_t m, int64_t t0
       return Isa::template fp8_tiles<MR, false>(w, a, m, t0, t1, y, ldy);
     case PackKind::nf4:
       return Isa::template nf4_tiles<MR>(w, a, m, t0, t1, y, ldy);
+    case PackKind::f16:
+      return Isa::template half_tiles<MR, false>(w, a, m, t0, t1, y, ldy);
+    case PackKind::bf16:
+      return Isa::template half_tiles<MR, true>(w, a, m, t0, t1, y, ldy);
   }
 }
 

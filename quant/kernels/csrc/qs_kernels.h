@@ -70,7 +70,13 @@ enum class PackKind : int32_t {
   fp8_e4m3 = 4,  // header float32 scale[16] (x 2^8, see below); then per input: fp8 w[16 rows]
   fp8_e5m2 = 5,  // header float32 scale[16]; then per input: fp8 w[16 rows]
   nf4 = 6,       // header fp16 absmax[K / group_size][16]; codes as int4 (NF4 level indices)
+  f16 = 7,       // no header; per input: fp16 w[16 rows] (the fp16 mode's weights as they are)
+  bf16 = 8,      // no header; per input: bf16 w[16 rows]
 };
+// f16 and bf16 weights are widened exactly to float32 (vcvtph2ps; a bf16 is the top half of a
+// float32) and multiplied with float32 activations: the result is the float32 matmul of the
+// same weight values, at half the bytes. Decode is memory-bound, so bf16 dot products
+// (vdpbf16ps), which would also round the activations to bf16, would not be faster.
 // fp8 codes become fp16 bits with two integer ops and are widened exactly by vcvtph2ps
 // (subnormals included): e5m2 is the top byte of an fp16; e4m3 shifted into an fp16 is its
 // value / 2^8 (exponent bias 7 against 15), so the e4m3 header holds scale * 2^8. The NaN
@@ -125,6 +131,13 @@ struct KernelTable {
   // `scores` has room for `length` floats.
   void (*attend)(const float* q, const float* keys, const float* values, int64_t length, int64_t head_dim,
                  float scale, float* scores, float* out);
+
+  // -- de-quantization of the lookup formats (lut_ops.cpp: the torch path, prefill) --
+  // One row of fp8 codes [K] -> out[K] = value(code) * scale; `values` (256 floats) for a tail.
+  void (*fp8_row)(const uint8_t* codes, int64_t K, float scale, bool e4m3, const float* values, float* out);
+  // One row of NF4 nibbles [K / 2] (even k low) -> out[K] = levels[code] * absmax[k / block].
+  void (*nf4_row)(const uint8_t* packed, int64_t K, const uint16_t* absmax, int64_t block, const float* levels,
+                  float* out);
 };
 
 // nullptr when the unit was compiled out (non-x86 build).
