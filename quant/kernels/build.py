@@ -29,7 +29,7 @@ CSRC = Path(__file__).with_name("csrc")
 SOURCES = ("ops.cpp", "avx2.cpp", "avx512.cpp", "decoder.cpp", "grouped_ops.cpp", "lut_ops.cpp")
 HEADERS = ("qs_kernels.h", "qs_impl.h", "qs_decode_impl.h", "qs_runtime.h")
 # -fopenmp: at::parallel_for is inline; compiled without OpenMP it silently runs on one thread.
-CFLAGS = ("-O3", "-fopenmp")
+CFLAGS = ("-O3", "-fopenmp", "-std=c++20")  # std::atomic wait/notify (the team's futex barrier) are C++20
 LDFLAGS = ("-fopenmp",)
 
 

@@ -29,12 +29,20 @@ def int8_linear(x: torch.Tensor, w_int8: torch.Tensor, scale: torch.Tensor, bias
     return _add_bias(F.linear(x, w_int8.to(x.dtype)) * scale.to(x.dtype), bias)
 
 
+def _integer_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact integer a · b of int8 codes. CUDA has no integer matmul ("addmm_cuda" not implemented
+    for Int), so there the sums run in float64, which holds them exactly (|sum| <= K·127·128 < 2^53)."""
+    if a.device.type == "cpu":
+        return torch.matmul(a.to(torch.int32), b.to(torch.int32))
+    return torch.matmul(a.to(torch.float64), b.to(torch.float64))
+
+
 def int8_dynamic_linear(
     x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """W8A8: x quantized per token (row) to int8, int8 · int8 accumulated in int32."""
     x_q, x_scale = quantize_symmetric(x, bits=8)  # grouped view [..., 1, K], scale [..., 1, 1]
-    acc = torch.matmul(x_q.squeeze(-2).to(torch.int32), w_int8.t().to(torch.int32))
+    acc = _integer_matmul(x_q.squeeze(-2), w_int8.t())
     y = acc.to(torch.float32) * x_scale.squeeze(-1) * w_scale.float()
     return _add_bias(y.to(x.dtype), bias)
 
