@@ -29,6 +29,7 @@ under load).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import NamedTuple
@@ -36,6 +37,10 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from quant.kernels.cpu import has_fast_gemm
+
+log = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
 # RoPE types whose frequencies do not change with the sequence length
@@ -100,6 +105,18 @@ class DecoderLayer(NamedTuple):
         )
 
 
+def _call(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return module(x)
+
+
+def _widened(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A 16-bit nn.Linear in float32 (weights widened exactly), in x's dtype; other modules as they are."""
+    if type(module) is not nn.Linear or module.weight.dtype == torch.float32:
+        return module(x)
+    bias = None if module.bias is None else module.bias.float()
+    return F.linear(x.float(), module.weight.float(), bias).to(x.dtype)
+
+
 class _AllThreads:
     """Inside: the projections run on all intra-op threads; outside, the step's small ops run on one."""
 
@@ -156,6 +173,18 @@ class LlamaRunner:
         rotate[torch.arange(half) + half, torch.arange(half)] = -1
         rotate[torch.arange(half), torch.arange(half) + half] = 1
         self._rotate = rotate
+        # A 16-bit model on a CPU without GEMM instructions for its dtype prefills in float32, its
+        # projections on widened weights: torch's 16-bit GEMMs, bmm and attention are 5-10x slower
+        # than float32 there (quant/kernels/cpu.py). Decode stays in the model's dtype.
+        self.prefill_float32 = (
+            self.dtype in (torch.bfloat16, torch.float16)
+            and self.device.type == "cpu"
+            and not has_fast_gemm(self.dtype)
+        )
+        self._prefill_rope = (self._cos, self._sin, self._rotate)
+        if self.prefill_float32:
+            self._prefill_rope = (*self._rope_tables(base.rotary_emb, torch.float32), rotate.float())
+            log.info("prefill computes in float32: this CPU has no %s GEMM instructions", self.dtype)
 
     @torch.inference_mode()
     def _rope_tables(
@@ -167,10 +196,14 @@ class LlamaRunner:
         cos, sin = rotary_emb(probe, position_ids=positions)
         return cos[0], sin[0]
 
-    def _rotations(self, positions: torch.Tensor) -> torch.Tensor:
-        """Per-token RoPE matrices [tokens, head_dim, head_dim]: x @ R = x * cos + rotate_half(x) * sin."""
-        cos, sin = self._cos[positions], self._sin[positions]
-        return torch.diag_embed(cos) + self._rotate * sin[:, None, :]
+    def _rotations(
+        self, positions: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Per-token RoPE matrices [tokens, head_dim, head_dim]: x @ R = x * cos + rotate_half(x) * sin.
+        `rope`: (cos, sin, rotate) tables in another dtype (default: the model's)."""
+        cos_table, sin_table, rotate = rope or (self._cos, self._sin, self._rotate)
+        cos, sin = cos_table[positions], sin_table[positions]
+        return torch.diag_embed(cos) + rotate * sin[:, None, :]
 
     def _ensure_zeroed(self, row: int, length: int) -> None:
         if self._zeroed[row] < length:
@@ -190,15 +223,18 @@ class LlamaRunner:
             raise RuntimeError(f"all {self.max_slots} slots are in use")
         row = len(self._rows)
         h = self.embed_tokens(torch.tensor(token_ids, device=self.device))
-        rotations = self._rotations(torch.arange(n, device=self.device))
+        if self.prefill_float32:
+            h = h.float()
+        rotations = self._rotations(torch.arange(n, device=self.device), self._prefill_rope)
+        project = _widened if self.prefill_float32 else _call
         for i, layer in enumerate(self.layers):
             h = self._layer(
-                i, layer, h, rotations, lambda i, q, k, v: self._attend_prompt(i, row, q, k, v), nullcontext()
+                i, layer, h, rotations, lambda i, q, k, v: self._attend_prompt(i, row, q, k, v), nullcontext(), project
             )
         self._rows[slot] = row
         self._lengths[slot] = n
         self._zeroed[row] = max(self._zeroed[row], n)
-        return self._logits(h[-1:])[0]
+        return self._logits(h[-1:].to(self.dtype))[0]
 
     def _batch_rows(self, slots: list[int], token_ids: list[int]) -> tuple[list[int], list[int]]:
         """The cache rows and next positions of a decode step's sequences (checked: distinct, one token each)."""
@@ -261,23 +297,26 @@ class LlamaRunner:
         rotations: torch.Tensor,
         attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
         projections: AbstractContextManager,
+        project: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """One decoder layer on tokens h [tokens, hidden]; `projections` wraps the calls of the projections."""
+        """One decoder layer on tokens h [tokens, hidden]; `projections` wraps the calls of the projections,
+        `project(module, x)` makes them (default: the module's own forward)."""
+        project = project or _call
         tokens = h.shape[0]
-        x = F.rms_norm(h, (self.hidden_size,), layer.attn_norm, self.eps)
+        x = F.rms_norm(h, (self.hidden_size,), layer.attn_norm.to(h.dtype), self.eps)
         with projections:
-            q, k, v = layer.q_proj(x), layer.k_proj(x), layer.v_proj(x)
+            q, k, v = project(layer.q_proj, x), project(layer.k_proj, x), project(layer.v_proj, x)
         q = torch.bmm(q.view(tokens, self.heads, self.head_dim), rotations)
         k = torch.bmm(k.view(tokens, self.kv_heads, self.head_dim), rotations)
         attention = attend(i, q, k, v.view(tokens, self.kv_heads, self.head_dim)).reshape(tokens, -1)
         with projections:
-            h = h + layer.o_proj(attention)
-        x = F.rms_norm(h, (self.hidden_size,), layer.mlp_norm, self.eps)
+            h = h + project(layer.o_proj, attention)
+        x = F.rms_norm(h, (self.hidden_size,), layer.mlp_norm.to(h.dtype), self.eps)
         with projections:
-            gate, up = layer.gate_proj(x), layer.up_proj(x)
+            gate, up = project(layer.gate_proj, x), project(layer.up_proj, x)
         x = F.silu(gate) * up
         with projections:
-            return h + layer.down_proj(x)
+            return h + project(layer.down_proj, x)
 
     def _decode_forward(
         self,

@@ -7,6 +7,7 @@ observed gap is ~4e-5: only the order of float operations differs).
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,7 @@ import quant
 from app.engine import llama_runner
 from app.engine.llama_runner import LlamaRunner, unsupported_reason
 from app.engine.runner import HFRunner, ModelRunner, make_runner
+from quant.layers.int8 import Int8WeightOnlyLinear
 from tests.support.runner_steps import replay_release_join
 
 CPU = torch.device("cpu")
@@ -131,6 +133,46 @@ def test_bf16_cache_and_compute(tiny_model_dir):
     expected, actual = greedy(HFRunner(model, CPU), [0], PROMPTS[1:2], 4), greedy(lean, [0], PROMPTS[1:2], 4)
     # bf16 keeps ~3 significant digits; the op order differs from transformers'
     torch.testing.assert_close(torch.stack(actual[0]), torch.stack(expected[0]), atol=0.05, rtol=0.05)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_prefill_computes_in_float32_without_16bit_gemm(tiny_model_dir, monkeypatch, dtype):
+    """On a CPU without GEMM instructions for the dtype, prefill runs in float32 on widened weights:
+    the float32 model's prefill up to the 16-bit embedding table; decode keeps torch's 16-bit path."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=dtype).eval()
+    assert LlamaRunner(model, CPU, 1, MAX_LEN).prefill_float32 == (not llama_runner.has_fast_gemm(dtype))
+    monkeypatch.setattr(llama_runner, "has_fast_gemm", lambda d: False)
+    widened_calls: list[torch.dtype] = []
+    real_widened = llama_runner._widened
+
+    def spy(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        widened_calls.append(x.dtype)
+        return real_widened(module, x)
+
+    monkeypatch.setattr(llama_runner, "_widened", spy)
+    runner = LlamaRunner(model, CPU, 1, MAX_LEN)
+    assert runner.prefill_float32 and runner.k_cache.dtype == dtype
+    logits = runner.prefill(0, PROMPTS[0])
+    assert widened_calls == [torch.float32] * (7 * len(runner.layers))
+    runner.decode([0], [int(logits.argmax())])
+    assert len(widened_calls) == 7 * len(runner.layers)  # decode: torch's 16-bit path
+    # the float32 twin (same weight values): equal but for the 16-bit head and the cache's rounding
+    twin = LlamaRunner(copy.deepcopy(model).float(), CPU, 1, MAX_LEN)
+    expected = twin.prefill(0, PROMPTS[0])
+    torch.testing.assert_close(logits.float(), expected, atol=2e-2, rtol=2e-2)
+    tolerance = 2**-7 if dtype == torch.bfloat16 else 2**-10  # one rounding to the cache's dtype
+    n = len(PROMPTS[0])
+    torch.testing.assert_close(runner.k_cache[:, 0, :, :n].float(), twin.k_cache[:, 0, :, :n], atol=0, rtol=tolerance)
+
+
+def test_widened_projection_is_the_float32_product_rounded_once():
+    torch.manual_seed(3)
+    linear = nn.Linear(64, 24).to(torch.float16)
+    x = torch.randn(5, 64).to(torch.float16)
+    want = torch.nn.functional.linear(x.float(), linear.weight.float(), linear.bias.float()).half()
+    assert torch.equal(llama_runner._widened(linear, x), want)
+    int8 = Int8WeightOnlyLinear.from_linear(nn.Linear(64, 24))
+    assert torch.equal(llama_runner._widened(int8, x.float()), int8(x.float()))  # not an nn.Linear: its own forward
 
 
 def test_make_runner_picks_lean_runner_for_the_llama_family(tiny_llama):

@@ -325,3 +325,27 @@ def test_the_library_reads_no_environment(ops) -> None:
     library_isa, best, configured = done.stdout.split()
     assert library_isa == best  # the environment did not reach the C++ side
     assert configured == "avx2"  # quant.kernels read it and set it
+
+
+def test_16bit_gemm_hardware_from_the_cpu_flags(monkeypatch) -> None:
+    from quant.kernels import cpu
+
+    monkeypatch.setattr(cpu.platform, "machine", lambda: "x86_64")
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    for flags, bf16, fp16 in (
+        ({"avx2", "fma"}, False, False),  # Zen 3
+        ({"avx2", "avx512f", "avx512_bf16"}, True, False),  # Zen 4
+        ({"avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16"}, True, True),  # Sapphire Rapids
+    ):
+        monkeypatch.setattr(cpu, "cpu_flags", lambda flags=flags: frozenset(flags))
+        assert (cpu.has_fast_gemm(torch.bfloat16), cpu.has_fast_gemm(torch.float16)) == (bf16, fp16), flags
+        assert cpu.has_fast_gemm(torch.float32)
+    # oneDNN capped below its 16-bit GEMM levels (as a Zen 4 for float16, a Zen 3 for both)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx512_core_bf16")
+    assert cpu.has_fast_gemm(torch.bfloat16) and not cpu.has_fast_gemm(torch.float16)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert not cpu.has_fast_gemm(torch.bfloat16)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "ALL")
+    assert cpu.has_fast_gemm(torch.float16)
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset())
+    assert cpu.has_fast_gemm(torch.float16)  # unknown: trust torch

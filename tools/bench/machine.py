@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import platform
-from pathlib import Path
 from typing import Any
 
 import torch
+
+from quant.kernels.cpu import cpu_flags, cpuinfo
 
 # The CPU flags that decide which kernels can run (SIMD width, integer dot products, half floats).
 RELEVANT_FLAGS = (
@@ -21,31 +22,17 @@ RELEVANT_FLAGS = (
     "avx512vl",
     "avx512_vnni",
     "avx512_bf16",
+    "avx512_fp16",
     "avx_vnni",
     "amx_tile",
     "amx_int8",
     "amx_bf16",
+    "amx_fp16",
     "neon",
     "asimd",
     "asimddp",
     "sve",
 )
-
-
-def _cpuinfo() -> dict[str, str]:
-    """First processor block of /proc/cpuinfo (empty off Linux)."""
-    path = Path("/proc/cpuinfo")
-    if not path.exists():
-        return {}
-    fields: dict[str, str] = {}
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            if fields:
-                break
-            continue
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
-    return fields
 
 
 def _memory_bytes() -> int | None:
@@ -62,8 +49,8 @@ def load_average() -> list[float]:
 def describe_machine() -> dict[str, Any]:
     import transformers
 
-    info = _cpuinfo()
-    flags = set((info.get("flags") or info.get("Features") or "").split())
+    info = cpuinfo()
+    flags = cpu_flags()
     data: dict[str, Any] = {
         "cpu_model": info.get("model name") or platform.processor() or platform.machine(),
         "logical_cores": os.cpu_count(),
