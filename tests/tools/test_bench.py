@@ -635,3 +635,25 @@ def test_the_real_llama_cpp_peer_in_a_tiny_run(tmp_path: Path):
     pairs = counterpart_pairs([ours, *run.rows])
     assert [pair.theirs.gguf_type for pair in pairs] == ["Q4_0", "Q4_1"]
     assert all(pair.ratio("decode_tok_s") > 0 for pair in pairs)
+
+
+def test_every_mode_as_a_multiple_of_fp32_in_the_same_run():
+    from tools.bench.report import render_reference_ratios
+
+    rows = [
+        _row("fp32", **_speed(20.0, 500.0, 19.0, 95.0)),
+        _row("int8", **_speed(40.0, 450.0, 27.0, 190.0)),
+        _row("fp8", **_speed(36.0, 400.0, 30.0, 171.0)),
+        _row("int4", **_speed(50.0, 600.0, 35.0, 130.0)),
+        _row("nf4", **_speed(40.0, 600.0, 28.0, 117.0)),
+        _peer("F32", **_speed(52.0, 479.0, 40.0, 179.0)),  # peers are not ours: no row
+    ]
+    text = render_reference_ratios(rows, 8)
+    lines = text.splitlines()
+    assert "| mode | decode | prefill | 1 stream | 8 streams |" in lines
+    assert "| fp32 | 1.00× | 1.00× | 1.00× | 1.00× |" in lines
+    assert "| int8 | 2.00× | 0.90× | 1.42× | 2.00× |" in lines
+    assert not any(line.startswith("| F32") for line in lines)
+    assert "- `fp8` / `int8`: decode 0.90×, prefill 0.89×, 1 stream 1.11×, 8 streams 0.90×" in lines
+    assert "- `nf4` / `int4`: decode 0.80×, prefill 1.00×, 1 stream 0.80×, 8 streams 0.90×" in lines
+    assert render_reference_ratios(rows[1:], 8) == ""  # no fp32 row: nothing to divide by

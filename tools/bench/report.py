@@ -177,6 +177,7 @@ def render_markdown(document: dict[str, Any]) -> str:
     reference = document["reference"]
     if reference and reference["status"] != "ok":
         parts.append(f"\nThe {REFERENCE_MODE} reference failed ({reference['error']}): no ratios or agreement.\n")
+    parts.append(render_reference_ratios(rows, options["concurrency"]))
     if any(row.is_peer for row in rows) or PEER_ENGINE in document["skipped"]:
         parts.append(render_peer_section(rows, options, document["machine"]))
     parts.append(_method(options, document))
@@ -203,6 +204,41 @@ def render_comparison(rows: list[BenchRow], concurrency: int) -> str:
             ours, theirs = getattr(pair.ours, name), getattr(pair.theirs, name)
             cells.append(f"{_num(ours)} / {_num(theirs)} = {_ratio(pair.ratio(name))}")
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# Pairs whose ratio says whether a lookup format's kernel keeps up with its integer neighbour
+# at the same bits: fp8 with int8, nf4 with int4.
+NEIGHBOUR_PAIRS = (("fp8", "int8"), ("nf4", "int4"))
+
+
+def _speed_ratio(ours: BenchRow, theirs: BenchRow | None, name: str) -> float | None:
+    a, b = getattr(ours, name), None if theirs is None else getattr(theirs, name)
+    return None if a is None or not b else a / b
+
+
+def render_reference_ratios(rows: list[BenchRow], concurrency: int) -> str:
+    """Each mode's speed as a multiple of the reference mode's, measured in this run."""
+    ours = {row.mode: row for row in rows if not row.is_peer and row.status == "ok"}
+    reference = ours.get(REFERENCE_MODE)
+    if reference is None:
+        return ""
+    names = {"N streams": f"{concurrency} streams"}
+    lines = [
+        f"\n## Against {REFERENCE_MODE}, same run (× its tok/s)\n",
+        "| mode | " + " | ".join(names.get(column, column) for _, column in RATIO_FIELDS) + " |",
+        "|---|" + "--:|" * len(RATIO_FIELDS),
+    ]
+    for mode, row in ours.items():
+        lines.append(
+            f"| {mode} | " + " | ".join(_ratio(_speed_ratio(row, reference, n)) for n, _ in RATIO_FIELDS) + " |"
+        )
+    pairs = [(a, b) for a, b in NEIGHBOUR_PAIRS if a in ours and b in ours]
+    if pairs:
+        lines.append("\nSame bits, lookup against integer kernels (× the second mode's tok/s):\n")
+        for a, b in pairs:
+            cells = ", ".join(f"{names.get(c, c)} {_ratio(_speed_ratio(ours[a], ours[b], n))}" for n, c in RATIO_FIELDS)
+            lines.append(f"- `{a}` / `{b}`: {cells}")
     return "\n".join(lines) + "\n"
 
 
