@@ -14,7 +14,8 @@ paths share every sequence's state. The decoder follows the kernels' ISA choice
 What it takes (`native_unsupported_reason` says what it does not): a Llama-family model that
 LlamaRunner runs, in float32, bfloat16 or float16, on CPU, with head_dim a multiple of 16 and
 hidden/intermediate sizes multiples of 32; every linear (projections and head) either an
-`nn.Linear` in one of those dtypes or one of our `Int8WeightOnlyLinear`, `Int4WeightOnlyLinear` (group size a multiple of 32),
+`nn.Linear` in one of those dtypes or one of our `Int8WeightOnlyLinear`, `Int8DynamicLinear`,
+`Int4WeightOnlyLinear` (group size a multiple of 32),
 `Int8G32Linear`, `Fp8WeightOnlyLinear` (e4m3 or e5m2) or `NF4Linear` (block size a multiple
 of 32); the embedding an `nn.Embedding` in one of those dtypes or an int8 g32 table.
 
@@ -38,7 +39,7 @@ from quant.kernels import native_ops
 from quant.kernels.choose import nf4_code_table
 from quant.layers.fp8 import Fp8WeightOnlyLinear
 from quant.layers.int4 import Int4WeightOnlyLinear
-from quant.layers.int8 import Int8WeightOnlyLinear
+from quant.layers.int8 import Int8DynamicLinear, Int8WeightOnlyLinear
 from quant.layers.int8_grouped import Int8G32Linear
 from quant.layers.nf4 import NF4Linear
 
@@ -65,7 +66,7 @@ def linear_spec(module: nn.Module) -> LinearSpec | str:
     bias = getattr(module, "bias", None)
     if bias is not None and _float_kind(bias) is None:
         return f"{type(module).__name__} has a {bias.dtype} bias"
-    # exact types: subclasses (e.g. Int8DynamicLinear) compute differently
+    # exact types: a subclass may compute differently (Int8DynamicLinear has its own kind)
     if type(module) is nn.Linear:
         kind = _float_kind(module.weight)
         if kind is None:
@@ -73,6 +74,8 @@ def linear_spec(module: nn.Module) -> LinearSpec | str:
         spec: LinearSpec = (kind, [module.weight.detach()], 0, bias)
     elif type(module) is Int8WeightOnlyLinear:
         spec = ("int8", [module.weight_int8, module.scale], 0, bias)
+    elif type(module) is Int8DynamicLinear:  # W8A8: the same tiles, one activation scale per row
+        spec = ("int8_row", [module.weight_int8, module.scale], 0, bias)
     elif type(module) is Int4WeightOnlyLinear:
         if module.scales.dtype != torch.float16 or module.mins.dtype != torch.float16:
             return "int4 scales/mins are not float16"

@@ -32,8 +32,8 @@ import quant
 import quant.kernels as qk
 from app.engine.llama_runner import LlamaRunner
 from app.engine.native_runner import NativeRunner, native_unsupported_reason
-from quant.layers.int8 import Int8DynamicLinear
 from quant.layers.int8_grouped import Int8G32Linear
+from quant.layers.int8_mixed import Int8MixedLinear
 from tests.app.test_llama_runner import PROMPTS
 from tests.app.test_llama_runner import TINY as LLAMA_TINY
 from tests.support.runner_steps import replay_release_join
@@ -41,7 +41,7 @@ from tests.support.runner_steps import replay_release_join
 CPU = torch.device("cpu")
 MAX_LEN = 64
 TINY = {**LLAMA_TINY, "tie_word_embeddings": True}  # the lean runner tests' model, head tied
-PRECISIONS = ["fp32", "int8", "int4", "int4+g32-head", "bf16", "fp16"]
+PRECISIONS = ["fp32", "int8", "int8-dynamic", "int4", "int4+g32-head", "bf16", "fp16"]
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -224,15 +224,15 @@ def test_decode_checks_its_arguments(tiny_llama):
 def test_unsupported_models_say_why(tiny_llama):
     assert native_unsupported_reason(tiny_llama, MAX_LEN) is None
     assert "gpt2" in native_unsupported_reason(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2)), 8)
-    dynamic = copy.deepcopy(tiny_llama)
-    dynamic.model.layers[0].mlp.down_proj = Int8DynamicLinear.from_linear(dynamic.model.layers[0].mlp.down_proj)
-    assert "Int8DynamicLinear" in native_unsupported_reason(dynamic, MAX_LEN)
+    mixed = copy.deepcopy(tiny_llama)
+    mixed.model.layers[0].mlp.down_proj = Int8MixedLinear.from_linear(mixed.model.layers[0].mlp.down_proj)
+    assert "Int8MixedLinear" in native_unsupported_reason(mixed, MAX_LEN)
     assert native_unsupported_reason(copy.deepcopy(tiny_llama).to(torch.bfloat16), MAX_LEN) is None
     assert "float32" in native_unsupported_reason(copy.deepcopy(tiny_llama).to(torch.float64), MAX_LEN)
     narrow = LlamaForCausalLM(LlamaConfig(**{**TINY, "num_attention_heads": 8, "num_key_value_heads": 4}))
     assert "head_dim 8" in native_unsupported_reason(narrow, MAX_LEN)
-    with pytest.raises(ValueError, match="Int8DynamicLinear"):
-        NativeRunner(dynamic, CPU, 1, MAX_LEN)
+    with pytest.raises(ValueError, match="Int8MixedLinear"):
+        NativeRunner(mixed, CPU, 1, MAX_LEN)
 
 
 def test_reference_kernels_mean_no_native_step(tiny_llama):
@@ -266,7 +266,7 @@ def test_default_model_int4_with_g32_head(real_model):
 
 
 @pytest.mark.real_model
-@pytest.mark.parametrize("mode", ["fp8", "nf4", "bf16", "fp16"])
+@pytest.mark.parametrize("mode", ["int8-dynamic", "fp8", "nf4", "bf16", "fp16"])
 def test_default_model_greedy_text_as_the_torch_path(real_model, mode):
     """The modes the native step gained: the same greedy continuation as LlamaRunner's torch path
     (the reference arithmetic for fp8 and nf4, torch's own 16-bit ops for bf16 and fp16)."""

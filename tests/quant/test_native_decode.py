@@ -60,6 +60,12 @@ def test_packed_int8_and_int4_match_the_ops(isa: str, m: int, k: int, n: int) ->
     magnitude = x_hat.abs() @ (w.double().abs() * s.double()[:, None]).t() + bias.double().abs()
     got = native_linear("int8", [w, s], bias=bias).forward(x)
     assert_within(got, qk.int8_linear(x, w, s, bias).double(), 2 * float_bound(k, magnitude), "packed int8")
+    # W8A8 dynamic: the same tiles, one activation scale per row (the op's codes, block sums in float)
+    x_row = x.double().abs().amax(-1, keepdim=True)
+    magnitude = (x.double().abs() + x_row / 127) @ (w.double().abs() * s.double()[:, None]).t() + bias.double().abs()
+    got = native_linear("int8_row", [w, s], bias=bias).forward(x)
+    want = qk.int8_dynamic_linear(x, w, s, bias).double()
+    assert_within(got, want, 2 * float_bound(k, magnitude), "packed int8_row")
     for g in (32, 64) if k % 64 == 0 else (32,):
         packed, scales, mins = random_int4(n, k, g, gen)
         w4 = qk.dequantize_int4(packed, scales, mins, g).double()

@@ -27,6 +27,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <initializer_list>
 #include <chrono>
 #include <cmath>
 #include <cstring>
@@ -57,6 +58,7 @@ bool reads_codes(PackKind kind) {
 // A matrix as the decode kernels read it, with the tensors that keep its memory alive.
 struct Packed {
   PackedMatrix m{};
+  bool per_row_acts = false;  // int8_row: activations quantized with one scale per row (W8A8 dynamic)
   at::Tensor storage;  // packed tiles (uint8), or the float32 weight read in place
   at::Tensor bias;     // float32 [N], or undefined
   std::string kind;
@@ -67,6 +69,25 @@ struct Packed {
 };
 
 bool reads_codes(const Packed& p) { return reads_codes(p.m.kind); }
+
+// How a phase prepares the activations of the matmuls that share them.
+enum class ActQuant { none, per_block, per_row };
+
+ActQuant act_quant(const Packed& p) {
+  return !reads_codes(p) ? ActQuant::none : p.per_row_acts ? ActQuant::per_row : ActQuant::per_block;
+}
+
+// One preparation for matmuls that share their input (q/k/v, gate/up): they must agree on it.
+ActQuant shared_act_quant(std::initializer_list<const Packed*> group) {
+  ActQuant quant = ActQuant::none;
+  for (const Packed* p : group) {
+    const ActQuant q = act_quant(*p);
+    TORCH_CHECK(quant == ActQuant::none || q == ActQuant::none || q == quant,
+                "native decode: matmuls sharing an input mix per-row and per-block activation scales");
+    if (q != ActQuant::none) quant = q;
+  }
+  return quant;
+}
 
 at::Tensor checked(const at::Tensor& t, at::ScalarType dtype, std::vector<int64_t> shape, const char* what) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.sizes().vec() == shape, what, " must be a CPU ",
@@ -150,11 +171,12 @@ Packed pack(const std::string& kind, const std::vector<at::Tensor>& t, int64_t g
     p.m.K = K;
     p.m.tiles = ceil_div(N, kTile);
     p.m.f32 = p.storage.data_ptr<float>();
-  } else if (kind == "int8" || kind == "int8_g32") {
+  } else if (kind == "int8" || kind == "int8_row" || kind == "int8_g32") {
     TORCH_CHECK(t.size() == 2 && t[0].dim() == 2, kind, " linear takes [weight_int8 [N, K], scales]");
     const int64_t N = t[0].size(0), K = t[0].size(1);
     const at::Tensor w = checked(t[0], at::kChar, {N, K}, "weight_int8");
-    if (kind == "int8") {
+    if (kind != "int8_g32") {  // int8_row: the int8 tiles, fed activations with one scale per row
+      p.per_row_acts = kind == "int8_row";
       const at::Tensor s = checked(t[1].to(at::kFloat), at::kFloat, {N}, "int8 scale");
       init_tiles(p, PackKind::int8, N, K, kTile * 4, K * kTile);
       for (int64_t n = 0; n < N; ++n)
@@ -222,7 +244,7 @@ Packed pack(const std::string& kind, const std::vector<at::Tensor>& t, int64_t g
     }
   } else {
     TORCH_CHECK(false, "native decode: unknown linear kind '", kind,
-                "' (f32, f16, bf16, int8, int4, int8_g32, fp8_e4m3, fp8_e5m2, nf4)");
+                "' (f32, f16, bf16, int8, int8_row, int4, int8_g32, fp8_e4m3, fp8_e5m2, nf4)");
   }
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->numel() == p.m.N, "bias must have ", p.m.N, " elements");
@@ -254,7 +276,7 @@ struct Scratch {
 
   // acts for `rows` rows of `src` [rows, K]: optionally RMS-normalized, quantized if asked.
   DecodeActs prepare(const KernelTable& kt, const float* src, int64_t rows, int64_t K, const float* norm, float eps,
-                     bool quantize) {
+                     ActQuant quantize) {
     DecodeActs a{};
     a.M = rows;
     a.K = K;
@@ -263,11 +285,12 @@ struct Scratch {
       for (int64_t b = 0; b < rows; ++b) kt.rms_norm(src + b * K, norm, K, eps, x.data() + b * K);
       a.x = x.data();
     }
-    if (quantize) {
+    if (quantize != ActQuant::none) {
       const int64_t blocks = K / kBlock;
       for (int64_t b = 0; b < rows; ++b)
         kt.quantize_row(a.x + b * K, K, codes.data() + b * K, scales.data() + b * blocks,
-                        block_sums.data() + b * blocks, code_sums.data() + b * blocks);
+                        block_sums.data() + b * blocks, code_sums.data() + b * blocks,
+                        quantize == ActQuant::per_row);
       a.codes = codes.data();
       a.scales = scales.data();
       a.block_sums = block_sums.data();
@@ -357,7 +380,7 @@ class NativeLinear : public torch::CustomClassHolder {
     Scratch& s = scratch_[thread];
     for (int64_t it = 0; it < iters_; ++it) {
       const Packed& p = copies_[it % copies_used_];
-      const DecodeActs a = s.prepare(*kt_, x_, M_, p.m.K, nullptr, 0.0f, reads_codes(p));
+      const DecodeActs a = s.prepare(*kt_, x_, M_, p.m.K, nullptr, 0.0f, act_quant(p));
       const float* bias = p.bias.defined() ? p.bias.data_ptr<float>() : nullptr;
       ItemCounter& counter = counters_[it];
       for (int64_t item = counter.take(); item < items_; item = counter.take()) {
@@ -669,7 +692,7 @@ class NativeDecoder : public torch::CustomClassHolder {
       const int64_t layer = static_cast<int64_t>(li);
       // q, k, v from one normalized, quantized copy of h; RoPE and the KV write in the epilogue
       {
-        const bool quant = reads_codes(l.linears[kQ]) || reads_codes(l.linears[kK]) || reads_codes(l.linears[kV]);
+        const ActQuant quant = shared_act_quant({&l.linears[kQ], &l.linears[kK], &l.linears[kV]});
         const DecodeActs a = s.prepare(*kt_, h_.data(), B_, hidden_, l.attn_norm.data_ptr<float>(), eps_, quant);
         record(thread, a, h_.data());
         ItemCounter& counter = counters_[phase++];
@@ -706,14 +729,14 @@ class NativeDecoder : public torch::CustomClassHolder {
       team_->barrier();
       // o_proj + residual
       {
-        const DecodeActs a = s.prepare(*kt_, attn_.data(), B_, q_dim, nullptr, eps_, reads_codes(l.linears[kO]));
+        const DecodeActs a = s.prepare(*kt_, attn_.data(), B_, q_dim, nullptr, eps_, act_quant(l.linears[kO]));
         record(thread, a);
         residual_phase(l.linears[kO], a, o_items_, counters_[phase++], s);
       }
       team_->barrier();
       // gate and up from one normalized, quantized copy of h; SiLU(gate) * up in the epilogue
       {
-        const bool quant = reads_codes(l.linears[kGate]) || reads_codes(l.linears[kUp]);
+        const ActQuant quant = shared_act_quant({&l.linears[kGate], &l.linears[kUp]});
         const DecodeActs a = s.prepare(*kt_, h_.data(), B_, hidden_, l.mlp_norm.data_ptr<float>(), eps_, quant);
         record(thread, a, h_.data());
         ItemCounter& counter = counters_[phase++];
@@ -731,14 +754,14 @@ class NativeDecoder : public torch::CustomClassHolder {
       // down + residual
       {
         const DecodeActs a =
-            s.prepare(*kt_, act_.data(), B_, intermediate_, nullptr, eps_, reads_codes(l.linears[kDown]));
+            s.prepare(*kt_, act_.data(), B_, intermediate_, nullptr, eps_, act_quant(l.linears[kDown]));
         record(thread, a);
         residual_phase(l.linears[kDown], a, down_items_, counters_[phase++], s);
       }
       team_->barrier();
     }
     // final norm and output head
-    const DecodeActs a = s.prepare(*kt_, h_.data(), B_, hidden_, final_norm_.data_ptr<float>(), eps_, reads_codes(head_));
+    const DecodeActs a = s.prepare(*kt_, h_.data(), B_, hidden_, final_norm_.data_ptr<float>(), eps_, act_quant(head_));
     record(thread, a, h_.data());
     ItemCounter& counter = counters_[phase++];
     for (int64_t i = counter.take(); i < static_cast<int64_t>(head_items_.size()); i = counter.take()) {

@@ -117,9 +117,10 @@ struct KernelTable {
   void (*gemm)(const LinearArgs& args, int64_t n0, int64_t n1);
 
   // -- decode step --
-  // One row x[K] into codes/scales/block_sums/code_sums (same arithmetic as `quantize`).
+  // One row x[K] into codes/scales/block_sums/code_sums (same arithmetic as `quantize`); per_row:
+  // one scale for the whole row (int8_row, W8A8 dynamic), written to every block's slot.
   void (*quantize_row)(const float* x, int64_t K, int8_t* codes, float* scales, float* block_sums,
-                       int32_t* code_sums);
+                       int32_t* code_sums, bool per_row);
   // Tiles [t0, t1) for every row: y[m * ldy + (n - t0 * kTile)] for the tile's rows n
   // (all kTile rows of each tile are written, padding rows included).
   void (*packed_gemv)(const PackedMatrix& w, const DecodeActs& a, int64_t t0, int64_t t1, float* y, int64_t ldy);
