@@ -97,10 +97,14 @@ def _isas() -> list[str]:
 @pytest.fixture(params=_isas())
 def isa(request, ops):
     """Each ISA variant this CPU runs, set in the library for the test and restored after."""
+    from quant.kernels.native import refresh_isa
+
     previous = ops.isa()
     ops.set_isa(request.param)
+    refresh_isa()  # the Python side's record of the ISA follows the library's
     yield request.param
     ops.set_isa(previous)
+    refresh_isa()
 
 
 @pytest.fixture(scope="session")
