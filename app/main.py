@@ -69,6 +69,10 @@ def create_app(settings: Settings | None = None, loader=None, *, exit_on_load_fa
     fastapi_app.include_router(openai.router)
     fastapi_app.include_router(health.router)
 
+    # Before any parser reads a body. Inside `observe` (added after it, so outer): that middleware reads
+    # the body in a task group, which would wrap the 413 in an exception group.
+    fastapi_app.add_middleware(BodySizeLimit, max_bytes=_max_request_bytes)
+
     @fastapi_app.middleware("http")
     async def observe(request: Request, call_next) -> Response:
         started = time.perf_counter()
@@ -88,8 +92,6 @@ def create_app(settings: Settings | None = None, loader=None, *, exit_on_load_fa
             )
         return response
 
-    # Outermost, so no body byte over the limit reaches a parser.
-    fastapi_app.add_middleware(BodySizeLimit, max_bytes=_max_request_bytes)
     return fastapi_app
 
 
