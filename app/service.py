@@ -163,8 +163,9 @@ class ModelService:
         running, waiting = engine.stats()
         if running or waiting:
             log.warning("drain: %d running and %d waiting requests end with an error", running, waiting)
-        engine.request_stop()  # the worker sends each of them its error event
-        while engine.stats() != (0, 0) and engine.failure is None:
+        engine.request_stop()  # the worker sends each of them its error event, after its current step
+        stopping_until = loop.time() + 5
+        while engine.stats() != (0, 0) and engine.failure is None and loop.time() < stopping_until:
             await asyncio.sleep(0.01)
 
     def _engine_failed(self, reason: str) -> None:
