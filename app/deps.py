@@ -1,4 +1,8 @@
-"""Dependencies shared by the routers (FastAPI `Annotated` style)."""
+"""Dependencies shared by the routers (FastAPI `Annotated` style).
+
+All `async def`: FastAPI runs a plain `def` dependency on its thread pool, a thread hop per
+dependency per request that, under load, costs the event loop more than the request itself.
+"""
 
 from __future__ import annotations
 
@@ -16,18 +20,18 @@ from app.service import ModelService
 _bearer = HTTPBearer(auto_error=False)
 
 
-def get_service(request: Request) -> ModelService:
+async def get_service(request: Request) -> ModelService:
     return request.app.state.service
 
 
 Service = Annotated[ModelService, Depends(get_service)]
 
 
-def get_tgi(service: Service) -> TgiApi:
+async def get_tgi(service: Service) -> TgiApi:
     return TgiApi(service)
 
 
-def get_openai(service: Service) -> OpenAIApi:
+async def get_openai(service: Service) -> OpenAIApi:
     return OpenAIApi(service)
 
 
@@ -35,7 +39,7 @@ Tgi = Annotated[TgiApi, Depends(get_tgi)]
 OpenAI = Annotated[OpenAIApi, Depends(get_openai)]
 
 
-def require_api_key(
+async def require_api_key(
     service: Service,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:

@@ -63,7 +63,7 @@ class ClientDisconnectedError(ServiceError):
     error_type = "client_closed"
 
 
-_HTTP_ERROR_TYPES = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+_HTTP_ERROR_TYPES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
 
 
 def error_response(request: Request, status: int, message: str, error_type: str, headers=None) -> JSONResponse:

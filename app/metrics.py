@@ -117,6 +117,13 @@ class ServiceMetrics:
             buckets=BATCH_SIZE_BUCKETS,
             registry=r,
         )
+        self.engine_failures = Counter(
+            "qs_engine_failures_total",
+            "Engine faults: a model step raised or the worker died, failing every request in flight",
+            BASE_LABELS,
+            registry=r,
+        )
+        self.engine_failures.labels(**self.labels)  # exported at 0 from the start, so alerts see it
         self.weight_bytes = Gauge(
             "qs_model_weight_bytes", "Bytes of the loaded model's weights", BASE_LABELS, registry=r
         )

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
-from app.schemas import MAX_SEED, NonEmptyStr, StrictModel
+from app.schemas import MAX_SEED, NonEmptyStr, StopStr, StrictModel
 
 MAX_STOP_SEQUENCES = 4
 MAX_PROMPTS = 16
@@ -35,7 +35,7 @@ class SamplingFields(_Request):
     n: int = Field(1, ge=1, le=1, description="choices per prompt; only 1 is supported")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: NonEmptyStr | Annotated[list[NonEmptyStr], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
+    stop: StopStr | Annotated[list[StopStr], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     presence_penalty: float = Field(0, ge=0, le=0, description="only 0 is supported; see repetition_penalty")
     frequency_penalty: float = Field(0, ge=0, le=0, description="only 0 is supported; see repetition_penalty")

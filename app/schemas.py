@@ -9,6 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_SEED = 2**64 - 1  # torch.Generator takes 64-bit seeds
 NonEmptyStr = Annotated[str, Field(min_length=1)]
+MAX_STOP_CHARS = 256  # the stop matcher rescans a stop's length of tail per token: keep that bounded
+StopStr = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 
 
 class StrictModel(BaseModel):
@@ -25,7 +27,7 @@ class GenerateParameters(StrictModel):
     repetition_penalty: float | None = Field(None, gt=0)
     do_sample: bool = False
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    stop: list[NonEmptyStr] = Field(default_factory=list, max_length=16)
+    stop: list[StopStr] = Field(default_factory=list, max_length=16)
     return_full_text: bool = False
     details: bool = False
 
@@ -80,5 +82,5 @@ class ErrorBody(BaseModel):
 
 
 class HealthBody(BaseModel):
-    status: Literal["ready", "loading", "failed"]
+    status: Literal["ready", "loading", "draining", "failed"]
     detail: str | None = None

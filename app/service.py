@@ -3,17 +3,23 @@
 It owns everything that touches the model. API adapters (`app.api`) call it to
 tokenize, to open one event stream per prompt and to await results; it knows no
 wire format. Generation metrics are recorded once, from the engine's finish callback.
+
+Tokenization and chat templating run on a small thread pool, never on the event loop,
+and a prompt whose length in characters alone proves it over QS_MAX_INPUT_TOKENS is
+refused before any of it is tokenized. `drain` is the graceful stop (SIGTERM/SIGINT).
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import json
 import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import app
 from app.engine.engine import Engine, EngineOverloaded, EngineStopped, EventStream, GenerationRequest
@@ -35,6 +41,12 @@ from app.settings import Settings
 log = logging.getLogger(__name__)
 
 WARMUP_PROMPT = "Hello"
+# Threads that tokenize and apply chat templates: the tokenizer is fast Rust code that releases
+# the GIL, and the prompts are bounded (QS_MAX_REQUEST_BYTES, the character bound), so two keep up.
+TOKENIZER_THREADS = 2
+# Normalizers that never shorten a text, so a token still covers at most its vocabulary entry's characters.
+_NON_SHORTENING_NORMALIZERS = {"Prepend", "NFD", "NFKD", "Lowercase"}
+T = TypeVar("T")
 _ENGINE_ERRORS: dict[ErrorKind, type[ServiceError]] = {
     ErrorKind.TIMEOUT: RequestTimeoutError,
     ErrorKind.UNAVAILABLE: UnavailableError,
@@ -45,7 +57,8 @@ _ENGINE_ERRORS: dict[ErrorKind, type[ServiceError]] = {
 class State(enum.Enum):
     LOADING = "loading"
     READY = "ready"
-    FAILED = "failed"
+    DRAINING = "draining"  # shutting down: running and queued requests finish, new ones get 503
+    FAILED = "failed"  # the load or the engine failed
 
 
 Loader = Callable[[Settings], LoadedModel]
@@ -64,6 +77,9 @@ class ModelService:
         self.ready_seconds: float | None = None
         self.runner: str | None = None  # the decode path: "native", "lean" or "transformers"
         self.started_at = int(time.time())
+        self.max_chars_per_token: int | None = None  # the tokenizer's bound, once loaded (None: none derived)
+        self._state_lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="qs-tokenize")
 
     @property
     def model_name(self) -> str:
@@ -86,9 +102,13 @@ class ModelService:
                 on_state=self.metrics.set_scheduler_state,
                 on_batch=self.metrics.observe_batch_size,
                 on_finish=self._record_finish,
+                on_fault=self._engine_failed,
             )
             warmup_ids = loaded.tokenizer(WARMUP_PROMPT)["input_ids"]
             engine.run_blocking(GenerationRequest(warmup_ids, SamplingParams(max_new_tokens=2)))
+            if engine.failure is not None:
+                raise RuntimeError(f"the warm-up generation failed: {engine.failure}")
+            self.max_chars_per_token = max_chars_per_token(loaded.tokenizer)
             engine.start()
         except Exception as error:
             self.failure = f"{type(error).__name__}: {error}"
@@ -100,7 +120,12 @@ class ModelService:
         self.runner = runner_name(engine.runner)
         self.metrics.set_model_info(loaded.report, loaded.device)
         self.ready_seconds = time.perf_counter() - started
-        self.state = State.READY
+        with self._state_lock:
+            if self.state is not State.LOADING:  # a drain began while loading: do not serve
+                engine.request_stop()
+                self._ready.set()
+                return
+            self.state = State.READY
         log.info(
             "ready in %.1f s: %s, precision %s on %s",
             self.ready_seconds,
@@ -120,6 +145,35 @@ class ModelService:
     def shutdown(self) -> None:
         if self.engine is not None:
             self.engine.stop()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def drain(self, timeout: float, cut_short: asyncio.Event | None = None) -> None:
+        """Take no more requests; let running and queued ones finish for up to `timeout` seconds
+        (or until `cut_short` is set), then end what is left with an `unavailable` error."""
+        with self._state_lock:
+            if self.state in (State.LOADING, State.READY):
+                self.state = State.DRAINING
+        engine = self.engine
+        if engine is None:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while engine.stats() != (0, 0) and loop.time() < deadline and not (cut_short and cut_short.is_set()):
+            await asyncio.sleep(min(0.05, max(deadline - loop.time(), 0)))
+        running, waiting = engine.stats()
+        if running or waiting:
+            log.warning("drain: %d running and %d waiting requests end with an error", running, waiting)
+        engine.request_stop()  # the worker sends each of them its error event, after its current step
+        stopping_until = loop.time() + 5
+        while engine.stats() != (0, 0) and engine.failure is None and loop.time() < stopping_until:
+            await asyncio.sleep(0.01)
+
+    def _engine_failed(self, reason: str) -> None:
+        """The engine's fault callback (worker thread): /health turns `failed`, the counter goes up."""
+        self.metrics.engine_failures.labels(**self.metrics.labels).inc()
+        with self._state_lock:
+            self.failure = f"engine failed: {reason}"
+            self.state = State.FAILED
 
     def _record_finish(self, finish: Finish) -> None:
         """The engine's finish callback (worker thread): every served generation, whatever its API."""
@@ -144,24 +198,51 @@ class ModelService:
 
     # --- what the API adapters use -------------------------------------------
     def _require_ready(self) -> tuple[LoadedModel, Engine]:
+        if self.state is State.DRAINING:
+            raise UnavailableError("the server is shutting down")
         if self.state is not State.READY or self.loaded is None or self.engine is None:
             raise UnavailableError(f"model is {self.state.value}", headers={"Retry-After": "5"})
         return self.loaded, self.engine
 
-    def tokenize(self, text: str) -> list[int]:
-        loaded, _ = self._require_ready()
-        return loaded.tokenizer(text)["input_ids"]
+    async def _off_loop(self, work: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, work)
 
-    def chat_prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+    def _refuse_early(self, engine: Engine, prompt_chars: int) -> None:
+        """What can be refused before tokenizing: a full engine (429), a prompt too long in characters alone (422)."""
+        if engine.is_full():
+            raise OverloadedError(
+                "every batch slot and waiting place is taken; retry later", headers={"Retry-After": "1"}
+            )
+        bound = self.max_chars_per_token
+        if bound is not None and prompt_chars > self.settings.max_input_tokens * bound:
+            raise InputValidationError(
+                f"prompt has {prompt_chars} characters, so more than QS_MAX_INPUT_TOKENS "
+                f"({self.settings.max_input_tokens}) tokens: a token of this tokenizer covers at most {bound}"
+            )
+
+    async def tokenize(self, text: str) -> list[int]:
+        loaded, engine = self._require_ready()
+        self._refuse_early(engine, len(text))
+        return await self._off_loop(lambda: loaded.tokenizer(text)["input_ids"])
+
+    async def chat_prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
         """The conversation formatted with the model's chat template, ready for the assistant's turn."""
-        tokenizer = self._require_ready()[0].tokenizer
+        loaded, engine = self._require_ready()
+        tokenizer = loaded.tokenizer
         if not getattr(tokenizer, "chat_template", None):
             raise InputValidationError("the served model has no chat template; use /v1/completions")
-        try:
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        except Exception as error:  # the template rejects the conversation (e.g. roles out of order)
-            raise InputValidationError(f"the chat template rejects these messages: {error}") from None
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
+        # a template may drop or trim text, so the character bound is checked on its output
+        self._refuse_early(engine, 0)
+
+        def template_and_tokenize() -> list[int]:
+            try:
+                text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            except Exception as error:  # the template rejects the conversation (e.g. roles out of order)
+                raise InputValidationError(f"the chat template rejects these messages: {error}") from None
+            self._refuse_early(engine, len(text))
+            return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+        return await self._off_loop(template_and_tokenize)
 
     def open(self, prompts: list[list[int]], params: SamplingParams) -> list[EventStream]:
         """One stream per prompt, or none: a refusal closes those already open. Raises before any byte is sent."""
@@ -222,6 +303,8 @@ class ModelService:
                 "max_input_tokens": s.max_input_tokens,
                 "max_total_tokens": s.max_total_tokens,
                 "max_concurrent_requests": s.max_concurrent_requests,
+                "max_request_bytes": s.max_request_bytes,
+                "max_chars_per_token": self.max_chars_per_token,
             },
             # the quantization and kernel knobs this process was started with
             "options": {**s.knob_values(), "kernels": s.kernels, "kernel_isa": s.kernel_isa},
@@ -229,6 +312,8 @@ class ModelService:
                 "max_batch_size": s.batch_slots,
                 "max_queue": s.queue_limit,
                 "request_timeout": s.request_timeout,
+                "stream_stall_timeout": s.stream_stall_timeout,
+                "shutdown_timeout": s.shutdown_timeout,
             },
         }
         if self.engine is not None:
@@ -259,3 +344,33 @@ async def _result(stream: EventStream) -> Finish:
             if event.finish is not None:
                 return event.finish
     raise GenerationError("the generation ended without a result")
+
+
+def max_chars_per_token(tokenizer: Any) -> int | None:
+    """Most characters of a prompt that one token can cover, from the vocabulary; None if no safe bound.
+
+    A token covers at most as many characters as its vocabulary entry is long: a byte-level BPE
+    entry spells one character per byte (and a character is at least one byte), a SentencePiece
+    entry spells its text (`▁` for the space), added tokens match their text literally. So a prompt
+    of n characters has at least n / bound tokens. That holds only if the normalizer cannot shorten
+    the text first (NFC composition, stripping, cleaning would), so then no bound is given.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    if not _never_shortens(json.loads(backend.to_str()).get("normalizer")):
+        return None
+    vocabulary = tokenizer.get_vocab()
+    return max(map(len, vocabulary), default=0) or None
+
+
+def _never_shortens(normalizer: dict[str, Any] | None) -> bool:
+    if normalizer is None:
+        return True
+    kind = normalizer.get("type")
+    if kind == "Sequence":
+        return all(_never_shortens(step) for step in normalizer.get("normalizers", []))
+    if kind == "Replace":
+        pattern = normalizer.get("pattern", {})
+        return "String" in pattern and len(normalizer.get("content", "")) >= len(pattern["String"])
+    return kind in _NON_SHORTENING_NORMALIZERS

@@ -43,6 +43,17 @@ class _ServiceSettings(BaseSettings):
     request_timeout: float | None = Field(
         None, gt=0, description="seconds a generation may take from arrival (queue included); unset: no limit"
     )
+    max_request_bytes: int = Field(
+        2_000_000,
+        ge=1,
+        description="largest request body, counted as it arrives (413 beyond), as TGI's --payload-limit",
+    )
+    shutdown_timeout: float = Field(
+        30.0, ge=0, description="seconds a SIGTERM/SIGINT drain waits for running and queued requests"
+    )
+    stream_stall_timeout: float = Field(
+        30.0, gt=0, description="seconds a stream may wait on a client that reads nothing before it is cancelled"
+    )
     cache_dir: Path = Field(DEFAULT_CACHE_DIR, description="converted checkpoints live here")
     api_key: SecretStr | None = Field(
         None, description="when set, generation routes need `Authorization: Bearer <key>`"

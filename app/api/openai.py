@@ -67,13 +67,13 @@ class OpenAIApi:
         return {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.service.model_name}
 
     # --- /v1/completions ------------------------------------------------------
-    def _open_completion(self, body: CompletionRequest) -> list[EventStream]:
-        prompts = [self.service.tokenize(p) for p in body.prompts]
+    async def _open_completion(self, body: CompletionRequest) -> list[EventStream]:
+        prompts = [await self.service.tokenize(p) for p in body.prompts]
         max_tokens = body.max_tokens or COMPLETION_DEFAULT_MAX_TOKENS
         return self.service.open(prompts, sampling_params(body, max_tokens))
 
     async def completion(self, body: CompletionRequest) -> CompletionResponse:
-        finishes = await self.service.results(self._open_completion(body))
+        finishes = await self.service.results(await self._open_completion(body))
         choices = [
             CompletionChoice(
                 index=i,
@@ -84,20 +84,20 @@ class OpenAIApi:
         ]
         return CompletionResponse(**self._head("cmpl"), choices=choices, usage=usage(finishes))
 
-    def completion_stream(self, body: CompletionRequest) -> AsyncIterator[str]:
-        streams = self._open_completion(body)
+    async def completion_stream(self, body: CompletionRequest) -> AsyncIterator[str]:
+        streams = await self._open_completion(body)
         return render(streams, _CompletionChunks(body, self._head("cmpl")), done=STREAM_END)
 
     # --- /v1/chat/completions -------------------------------------------------
-    def _open_chat(self, body: ChatCompletionRequest) -> list[EventStream]:
+    async def _open_chat(self, body: ChatCompletionRequest) -> list[EventStream]:
         # "developer" is the newer name of "system"; chat templates know only the latter.
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in body.messages]
-        prompt_ids = self.service.chat_prompt_ids(messages)
+        prompt_ids = await self.service.chat_prompt_ids(messages)
         budget = body.token_budget or max(self.service.settings.max_total_tokens - len(prompt_ids), 1)
         return self.service.open([prompt_ids], sampling_params(body, budget))
 
     async def chat_completion(self, body: ChatCompletionRequest) -> ChatCompletionResponse:
-        [finish] = await self.service.results(self._open_chat(body))
+        [finish] = await self.service.results(await self._open_chat(body))
         choice = ChatChoice(
             index=0,
             message=AssistantMessage(content=finish.generated_text),
@@ -105,8 +105,8 @@ class OpenAIApi:
         )
         return ChatCompletionResponse(**self._head("chatcmpl"), choices=[choice], usage=usage([finish]))
 
-    def chat_completion_stream(self, body: ChatCompletionRequest) -> AsyncIterator[str]:
-        streams = self._open_chat(body)
+    async def chat_completion_stream(self, body: ChatCompletionRequest) -> AsyncIterator[str]:
+        streams = await self._open_chat(body)
         return render(streams, _ChatChunks(body, self._head("chatcmpl")), done=STREAM_END)
 
 

@@ -29,17 +29,17 @@ class TgiApi:
     def __init__(self, service: ModelService) -> None:
         self.service = service
 
-    def _open(self, body: GenerateRequest) -> list[EventStream]:
-        prompt_ids = self.service.tokenize(body.inputs)
+    async def _open(self, body: GenerateRequest) -> list[EventStream]:
+        prompt_ids = await self.service.tokenize(body.inputs)
         return self.service.open([prompt_ids], sampling_params(body.parameters))
 
     async def generate(self, body: GenerateRequest) -> GenerateResponse:
-        [finish] = await self.service.results(self._open(body))
+        [finish] = await self.service.results(await self._open(body))
         return GenerateResponse(generated_text=_text(body, finish), details=_details(body, finish))
 
-    def generate_stream(self, body: GenerateRequest) -> AsyncIterator[str]:
+    async def generate_stream(self, body: GenerateRequest) -> AsyncIterator[str]:
         """Admit the request now (errors become HTTP statuses), then stream TGI's events as JSON."""
-        return render(self._open(body), _TgiEvents(body))
+        return render(await self._open(body), _TgiEvents(body))
 
 
 class _TgiEvents:

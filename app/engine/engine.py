@@ -8,7 +8,12 @@ the output processor (`output.py`) turns each row of logits into a
 before its last event goes out.
 
 Events travel back to the caller's event loop through `call_soon_threadsafe`,
-so the loop never waits on the model.
+so the loop never waits on the model, and the model never waits on a client.
+
+A runner that raises (or a worker thread that dies) is an engine fault: the model's
+state is unknown, so every running and waiting request gets an error at once and the
+engine takes no more (`failure` says why; `on_fault` is told). A problem of one
+sequence (NaN logits, a sampling error) fails that sequence alone.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ __all__ = [
     "ErrorKind",
     "Event",
     "EventStream",
+    "FaultCallback",
     "Finish",
     "FinishCallback",
     "FinishReason",
@@ -51,6 +57,9 @@ log = logging.getLogger(__name__)
 StateCallback = Callable[[int, int], None]  # (running, waiting)
 BatchCallback = Callable[[int], None]  # sequences in a decode step
 FinishCallback = Callable[[Finish], None]  # a sequence ended normally
+FaultCallback = Callable[[str], None]  # the engine failed; the argument says why
+
+ENGINE_FAILED = "generation failed: the engine stopped (the server log says why)"
 
 
 class EventStream:
@@ -119,6 +128,7 @@ class Engine:
         on_state: StateCallback | None = None,
         on_batch: BatchCallback | None = None,
         on_finish: FinishCallback | None = None,
+        on_fault: FaultCallback | None = None,
     ) -> None:
         self.runner = runner
         self.tokenizer = tokenizer
@@ -128,6 +138,8 @@ class Engine:
         self._on_state = on_state
         self._on_batch = on_batch
         self._on_finish = on_finish
+        self._on_fault = on_fault
+        self.failure: str | None = None  # set once when the engine fails; it then takes no more requests
         self._scheduler = Scheduler(max_batch_size, max_queue, release=self._release)
         self._output = OutputProcessor(tokenizer, eos_token_ids, device)
         self._states: dict[int, SequenceState] = {}  # slot -> output state of its running sequence (the worker's)
@@ -145,8 +157,12 @@ class Engine:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
+    def request_stop(self) -> None:
+        """Refuse new requests; the worker ends what is left with an `unavailable` error. Does not wait."""
         self._scheduler.stop()
+
+    def stop(self) -> None:
+        self.request_stop()
         if self._thread.is_alive():
             self._thread.join(timeout=30)
 
@@ -170,6 +186,10 @@ class Engine:
         """(running, waiting) requests."""
         return self._scheduler.stats()
 
+    def is_full(self) -> bool:
+        """Whether a request submitted now would get EngineOverloaded (a hint, to refuse before tokenizing)."""
+        return self._scheduler.is_full()
+
     def run_until_idle(self) -> None:
         """Step on the calling thread until every submitted request ended (warm-up and tests, before `start`)."""
         if self._thread.is_alive():
@@ -186,7 +206,16 @@ class Engine:
 
     # --- the worker ----------------------------------------------------------
     def step(self) -> None:
-        """Schedule, execute, process outputs: one decode step of the batch. On the model's thread only."""
+        """Schedule, execute, process outputs: one decode step of the batch. On the model's thread only.
+
+        An exception here is an engine fault: every request gets an error, and the engine stops.
+        """
+        try:
+            self._step()
+        except Exception as error:
+            self._fault(error)
+
+    def _step(self) -> None:
         for ticket in self._scheduler.drop(time.perf_counter()):
             ticket.emit(_timeout_error(ticket.request))
         admitted = self._scheduler.admit()
@@ -200,33 +229,35 @@ class Engine:
         self._publish_state()
 
     def _work(self) -> None:
-        while self._scheduler.wait_for_work():
-            try:
+        try:
+            while self._scheduler.wait_for_work():
                 self.step()
-            except Exception:  # keep serving: fail what was running, take the next requests
-                log.exception("engine step failed")
-                for ticket in self._scheduler.running:
-                    self._fail(ticket, ErrorEvent("generation failed"))
+        except BaseException as error:  # the worker dies: nobody may be left waiting for it
+            self._fault(error)
+            return
         self._abort_all()
 
+    def _fault(self, error: BaseException) -> None:
+        """The model failed: fail every running and waiting request at once, and take no more."""
+        self.failure = f"{type(error).__name__}: {error}"
+        log.error("engine failed: %s", self.failure, exc_info=error)
+        self._scheduler.stop(ENGINE_FAILED)
+        if self._on_fault is not None:  # first, so a client that sees its error finds the server failed
+            try:
+                self._on_fault(self.failure)
+            except Exception:
+                log.exception("on_fault callback failed")
+        event = ErrorEvent(ENGINE_FAILED, ErrorKind.GENERATION)
+        for ticket in self._scheduler.abort():
+            ticket.emit(event)
+        self._publish_state()
+
     def _prefill(self, ticket: Ticket) -> None:
-        try:
-            logits = self.runner.prefill(ticket.slot, ticket.request.prompt_ids)
-        except Exception:
-            log.exception("prefill failed")
-            self._fail(ticket, ErrorEvent("generation failed"))
-            return
-        self._process(ticket, logits)
+        self._process(ticket, self.runner.prefill(ticket.slot, ticket.request.prompt_ids))
 
     def _decode(self, batch: list[Ticket]) -> None:
         states = [self._states[t.slot] for t in batch]
-        try:
-            logits = self.runner.decode([t.slot for t in batch], [s.last_token for s in states])
-        except Exception:
-            log.exception("decode step failed for %d sequences", len(batch))
-            for ticket in batch:
-                self._fail(ticket, ErrorEvent("generation failed"))
-            return
+        logits = self.runner.decode([t.slot for t in batch], [s.last_token for s in states])
         if self._on_batch is not None:
             self._on_batch(len(batch))
         for ticket, row in zip(batch, logits, strict=True):
@@ -236,9 +267,9 @@ class Engine:
         """Turn the sequence's logits into its next event; retire the sequence first when that event ends it."""
         try:
             event = self._output.process(self._states[ticket.slot], logits)
-        except SamplingFailed:
-            log.exception("sampling failed")
-            self._fail(ticket, ErrorEvent("generation failed"))
+        except SamplingFailed as error:  # this sequence's problem: it fails alone, the batch goes on
+            log.warning("sequence in slot %d failed: %s", ticket.slot, error)
+            self._fail(ticket, ErrorEvent(f"generation failed: {error}"))
             return
         if event.finish is not None:
             # Retire first: by the time the caller sees the end, its slot is free for its next request.

@@ -90,7 +90,7 @@ class OutputProcessor:
         try:
             return choose_token(logits, state.request.params, state.generator, seen)
         except Exception as error:
-            raise SamplingFailed(f"sampling failed: {error}") from error
+            raise SamplingFailed(str(error)) from error
 
     @staticmethod
     def _finish(state: SequenceState, reason: FinishReason) -> Finish:

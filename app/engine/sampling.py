@@ -100,6 +100,8 @@ def _choose_token(
     seen: torch.Tensor,
 ) -> tuple[int, float]:
     logits = logits.float()
+    if torch.isnan(logits).any():  # argmax would pick a NaN as the largest: a token from garbage
+        raise ValueError("the model's logits for this sequence contain NaN")
     if params.repetition_penalty is not None:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.sampling:

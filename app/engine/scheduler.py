@@ -8,6 +8,7 @@ calls `release` (the runner forgets its KV cache there).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import deque
@@ -71,6 +72,7 @@ class Scheduler:
         self._waiting: deque[Ticket] = deque()
         self._in_flight = 0  # submitted and not yet ended: waiting + running
         self._stopping = False
+        self._stop_reason = "the server is shutting down"
         # the worker's own
         self._running: list[Ticket] = []
         self._free_slots = list(range(max_batch_size - 1, -1, -1))  # popped from the end: slot 0 first
@@ -80,7 +82,7 @@ class Scheduler:
         """Queue a request, or refuse it at once (EngineStopped, EngineOverloaded)."""
         with self._cond:
             if self._stopping:
-                raise EngineStopped("the server is shutting down")
+                raise EngineStopped(self._stop_reason)
             if self._in_flight >= self.max_batch_size + self.max_queue:
                 raise EngineOverloaded(
                     f"all {self.max_batch_size} batch slots are busy and {len(self._waiting)} requests wait; retry later"
@@ -106,11 +108,17 @@ class Scheduler:
         with self._cond:
             return self._in_flight - len(self._waiting), len(self._waiting)
 
-    def stop(self) -> None:
-        """Refuse new requests from now on and wake the worker."""
+    def stop(self, reason: str = "the server is shutting down") -> None:
+        """Refuse new requests from now on (EngineStopped says `reason`) and wake the worker."""
         with self._cond:
-            self._stopping = True
+            if not self._stopping:
+                self._stopping, self._stop_reason = True, reason
             self._cond.notify()
+
+    def is_full(self) -> bool:
+        """Whether a request submitted now would be refused as overloaded (a hint: it may change at once)."""
+        with self._cond:
+            return self._in_flight >= self.max_batch_size + self.max_queue
 
     # --- the worker ------------------------------------------------------------
     @property
@@ -180,5 +188,7 @@ class Scheduler:
             self._in_flight -= len(waiting)
         running = list(self._running)
         for ticket in running:
-            self.retire(ticket)
+            # after an engine fault the runner may fail to release a slot: it is forgotten all the same
+            with contextlib.suppress(Exception):
+                self.retire(ticket)
         return running + waiting

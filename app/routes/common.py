@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any, TypeVar
 
 from fastapi import Request
 from pydantic import BaseModel
 from sse_starlette import EventSourceResponse
+from sse_starlette.sse import SendTimeoutError
+from starlette.types import Receive, Scope, Send
 
 from app.errors import ClientDisconnectedError
 from app.schemas import ErrorBody
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (400, 401, 422, 429, 500, 503, 504)
+    code: {"model": ErrorBody} for code in (400, 401, 413, 422, 429, 500, 503, 504)
 }
 
 
@@ -57,9 +61,29 @@ def _inline_schema(model: type[BaseModel]) -> dict[str, Any]:
     return inline(schema)
 
 
-def sse_response(payloads: AsyncIterator[str]) -> EventSourceResponse:
-    """One `data:` event per payload. A client that disconnects cancels the iteration, and so the generation."""
-    return EventSourceResponse(payloads, sep="\n", ping=15)
+class _StallGuardedEventSource(EventSourceResponse):
+    """An SSE response whose send gives up after `send_timeout` s on a client that reads nothing.
+
+    The engine never waits for a client (its events queue up on the loop), but a stalled
+    client's sequence would hold its batch slot to the end: giving up closes the payload
+    iterator, which cancels the generation.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except SendTimeoutError:
+            log.warning(
+                "%s: the client read nothing for %g s (QS_STREAM_STALL_TIMEOUT); its generation is cancelled",
+                scope.get("path"),
+                self.send_timeout,
+            )
+
+
+def sse_response(payloads: AsyncIterator[str], stall_timeout: float) -> EventSourceResponse:
+    """One `data:` event per payload. A client that disconnects, or reads nothing for `stall_timeout`
+    seconds, cancels the iteration, and so the generation."""
+    return _StallGuardedEventSource(payloads, sep="\n", ping=15, send_timeout=stall_timeout)
 
 
 async def until_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T:

@@ -29,4 +29,4 @@ async def generate(body: GenerateRequest, tgi: Tgi, request: Request) -> Generat
 )
 async def generate_stream(body: GenerateRequest, tgi: Tgi) -> EventSourceResponse:
     """Like /generate, streamed as Server-Sent Events in TGI's shape."""
-    return sse_response(tgi.generate_stream(body))
+    return sse_response(await tgi.generate_stream(body), tgi.service.settings.stream_stall_timeout)

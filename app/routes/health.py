@@ -15,7 +15,7 @@ router = APIRouter(tags=["service"])
 
 
 @router.get("/health", response_model=HealthBody, responses={503: {"model": HealthBody}})
-def health(service: Service) -> JSONResponse:
+async def health(service: Service) -> JSONResponse:  # async: answered on the loop, no thread-pool hop
     """200 once the model is loaded and warmed up; 503 while loading or after a failed load."""
     body = HealthBody(status=service.state.value, detail=service.failure)
     status = 200 if body.status == "ready" else 503

@@ -38,7 +38,7 @@ async def completions(
 ) -> CompletionResponse | EventSourceResponse:
     """Complete raw text (OpenAI's completions API)."""
     if body.stream:
-        return sse_response(api.completion_stream(body))
+        return sse_response(await api.completion_stream(body), api.service.settings.stream_stall_timeout)
     return await until_disconnected(request, api.completion(body))
 
 
@@ -52,5 +52,5 @@ async def chat_completions(
 ) -> ChatCompletionResponse | EventSourceResponse:
     """Answer a conversation, formatted with the model's chat template."""
     if body.stream:
-        return sse_response(api.chat_completion_stream(body))
+        return sse_response(await api.chat_completion_stream(body), api.service.settings.stream_stall_timeout)
     return await until_disconnected(request, api.chat_completion(body))

@@ -143,6 +143,18 @@ def throughput_panels() -> list[Panel]:
             "reqps",
         ),
         series(
+            "Engine failures",
+            "Engine faults (a model step raised or the worker died; /health then says failed): restart the process",
+            [
+                Target(
+                    expr=f"sum by (precision) (increase(qs_engine_failures_total{{{SELECTOR}}}[{RATE}]))",
+                    legendFormat="{{precision}}",
+                    refId="A",
+                )
+            ],
+            "short",
+        ),
+        series(
             "Queue time",
             "p50 and p95 wait before a request's prefill",
             quantile_targets("qs_queue_time_seconds"),

@@ -42,6 +42,13 @@ CPUS = 2
 MEMORY_REQUEST_HEADROOM = 1.25  # over the measured peak
 MEMORY_LIMIT_HEADROOM = 1.5
 MEMORY_STEP = 64 * 2**20
+# Stopping a pod: preStop sleeps while the endpoint controller takes the pod out of the Service, then
+# SIGTERM starts the drain (QS_SHUTDOWN_TIMEOUT), then uvicorn writes out open responses (app.main's
+# RESPONSE_FLUSH_SECONDS); the grace period covers all three, with a margin, before the SIGKILL.
+PRE_STOP_SLEEP_SECONDS = 5
+SHUTDOWN_TIMEOUT_SECONDS = 30
+RESPONSE_FLUSH_SECONDS = 5
+TERMINATION_GRACE_SECONDS = PRE_STOP_SLEEP_SECONDS + SHUTDOWN_TIMEOUT_SECONDS + RESPONSE_FLUSH_SECONDS + 5
 COMMON_LABELS = {"app.kubernetes.io/name": "quantserve", "app.kubernetes.io/part-of": "quantserve"}
 
 
@@ -83,6 +90,7 @@ def deployment(mode: str, name: str, labels: dict[str, str], measured: dict[str,
             {"name": "QS_DEVICE", "value": "cpu"},
             # The load the memory was measured under: more requests than this get 429 and the HPA scales out.
             {"name": "QS_MAX_CONCURRENT_REQUESTS", "value": str(measured["load"]["concurrency"])},
+            {"name": "QS_SHUTDOWN_TIMEOUT", "value": str(SHUTDOWN_TIMEOUT_SECONDS)},
             # torch would otherwise start a thread per node core, not per core of this pod.
             {"name": "OMP_NUM_THREADS", "value": str(CPUS)},
         ],
@@ -90,7 +98,9 @@ def deployment(mode: str, name: str, labels: dict[str, str], measured: dict[str,
         # /health is 503 while the model loads: the startup probe allows 5 minutes for it.
         "startupProbe": http_probe(period=5, failures=60),
         "readinessProbe": http_probe(period=5, failures=2),
+        # The kubelet stops liveness probes once the pod is deleted, so the drain's 503 does not restart it.
         "livenessProbe": http_probe(period=10, failures=3),
+        "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(PRE_STOP_SLEEP_SECONDS)]}}},
         "resources": {
             "requests": {"cpu": str(CPUS), "memory": memory["request"]},
             # No CPU limit: throttling would show up as latency spikes; OMP_NUM_THREADS bounds the threads.
@@ -118,6 +128,7 @@ def deployment(mode: str, name: str, labels: dict[str, str], measured: dict[str,
                     },
                 },
                 "spec": {
+                    "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
                     "securityContext": {
                         "runAsNonRoot": True,
                         "runAsUser": UID,

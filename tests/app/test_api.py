@@ -261,7 +261,13 @@ def test_info_describes_the_loaded_model(client):
     assert info["compute_dtype"] == "float32"
     assert info["weight_bytes"] > 0
     assert info["backend"]
-    assert info["limits"] == {"max_input_tokens": 64, "max_total_tokens": 128, "max_concurrent_requests": 16}
+    assert info["limits"] == {
+        "max_input_tokens": 64,
+        "max_total_tokens": 128,
+        "max_concurrent_requests": 16,
+        "max_request_bytes": 2_000_000,
+        "max_chars_per_token": client.app.state.service.max_chars_per_token,
+    }
     assert info["version"]
 
 

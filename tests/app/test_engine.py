@@ -15,8 +15,10 @@ import pytest
 import torch
 
 from app.engine.engine import (
+    ENGINE_FAILED,
     Engine,
     EngineOverloaded,
+    EngineStopped,
     ErrorEvent,
     ErrorKind,
     Event,
@@ -284,22 +286,86 @@ def expired_message(request: GenerationRequest) -> str:
     return f"generation took longer than the {request.timeout:g} s request timeout"
 
 
-def test_runner_failure_fails_the_batch_not_the_engine(tiny):
-    runner = StepRecorder(RUNNERS["hf"](tiny, 2))
-    engine = make_engine(tiny, runner, max_batch_size=2)
+class WorkerDeath(BaseException):
+    """Not an Exception: what a dying thread sees (as SystemExit would be)."""
+
+
+def test_runner_failure_fails_every_request_at_once_and_stops_the_engine(tiny):
+    runner = StepRecorder(RUNNERS["hf"](tiny, 1))
+    faults: list[str] = []
+    engine = make_engine(tiny, runner, max_batch_size=1, max_queue=2, on_fault=faults.append)
     ids = prompt_ids(tiny, PROMPTS[1])
-    original = runner.runner.decode
 
     def broken_decode(slots: list[int], token_ids: list[int]) -> torch.Tensor:
         raise RuntimeError("kernel exploded")
 
     runner.runner.decode = broken_decode
-    broken = run(engine, [greedy(ids, 5), greedy(ids, 5)])
-    assert all(isinstance(e[-1], ErrorEvent) and e[-1].kind is ErrorKind.GENERATION for e in broken)
-    runner.runner.decode = original
-    healthy = run(engine, [greedy(ids, 5)])[0]
-    assert healthy[-1].finish.generated_tokens == 5
+    running, waiting = run(engine, [greedy(ids, 5), greedy(ids, 5)])  # one slot: the second one waits
+    assert isinstance(running[0], TokenEvent)  # its prefill ran; the first decode step raised
+    assert waiting == [ErrorEvent(ENGINE_FAILED, ErrorKind.GENERATION)]  # never ran, failed all the same
+    assert running[-1] == ErrorEvent(ENGINE_FAILED, ErrorKind.GENERATION)
+    assert faults == ["RuntimeError: kernel exploded"] and engine.failure == faults[0]
     assert engine.stats() == (0, 0)
+    with pytest.raises(EngineStopped, match="engine stopped"):  # the model's state is unknown: no more requests
+        engine.submit(greedy(ids, 1), lambda event: None)
+
+
+def test_worker_thread_that_dies_fails_the_waiting_streams(tiny):
+    runner = StepRecorder(RUNNERS["hf"](tiny, 1))
+    faults: list[str] = []
+    engine = make_engine(tiny, runner, max_batch_size=1, max_queue=1, on_fault=faults.append)
+    ids = prompt_ids(tiny, PROMPTS[1])
+
+    def dying_decode(slots: list[int], token_ids: list[int]) -> torch.Tensor:
+        raise WorkerDeath("the worker thread dies")
+
+    runner.runner.decode = dying_decode
+    engine.start()
+
+    async def both() -> list[list[Event]]:
+        streams = [engine.open_stream(greedy(ids, 50)), engine.open_stream(greedy(ids, 50))]
+
+        async def drain(stream) -> list[Event]:
+            return [event async for event in stream]
+
+        return await asyncio.wait_for(asyncio.gather(*(drain(s) for s in streams)), timeout=30)
+
+    try:
+        first, second = asyncio.run(both())
+    finally:
+        engine.stop()
+    assert first[-1] == second[-1] == ErrorEvent(ENGINE_FAILED, ErrorKind.GENERATION)
+    assert faults == ["WorkerDeath: the worker thread dies"]
+    assert not engine._thread.is_alive()
+
+
+class NaNForSlot(StepRecorder):
+    """Decodes normally, but the logits row of one slot is NaN from its first decode step on."""
+
+    def __init__(self, runner: ModelRunner, slot: int) -> None:
+        super().__init__(runner)
+        self.bad_slot = slot
+
+    def decode(self, slots: list[int], token_ids: list[int]) -> torch.Tensor:
+        logits = super().decode(slots, token_ids).clone()
+        if self.bad_slot in slots:
+            logits[slots.index(self.bad_slot)] = float("nan")
+        return logits
+
+
+def test_nan_logits_fail_that_sequence_alone(tiny):
+    faults: list[str] = []
+    runner = NaNForSlot(RUNNERS["hf"](tiny, 2), slot=0)  # the first request is admitted into slot 0
+    engine = make_engine(tiny, runner, max_batch_size=2, on_fault=faults.append)
+    ids = prompt_ids(tiny, PROMPTS[1])
+    bad, good = run(engine, [greedy(ids, 8), greedy(ids, 8)])
+    assert isinstance(bad[0], TokenEvent) and isinstance(bad[-1], ErrorEvent) and len(bad) == 2
+    assert bad[-1].kind is ErrorKind.GENERATION and "NaN" in bad[-1].message
+    assert good[-1].finish is not None and good[-1].finish.generated_tokens == 8
+    assert faults == [] and engine.failure is None
+    runner.bad_slot = -1  # the engine goes on serving
+    again = run(engine, [greedy(ids, 4)])[0]
+    assert again[-1].finish is not None and again[-1].finish.generated_tokens == 4
 
 
 def test_worker_thread_streams_to_asyncio_and_closing_cancels(tiny):

@@ -37,6 +37,9 @@ INVALID: dict[str, tuple[str, str]] = {
     "QS_MAX_BATCH_SIZE": ("0", "greater than or equal to 1"),
     "QS_MAX_QUEUE": ("-1", "greater than or equal to 0"),
     "QS_REQUEST_TIMEOUT": ("0", "greater than 0"),
+    "QS_MAX_REQUEST_BYTES": ("0", "greater than or equal to 1"),
+    "QS_SHUTDOWN_TIMEOUT": ("-1", "greater than or equal to 0"),
+    "QS_STREAM_STALL_TIMEOUT": ("0", "greater than 0"),
     "QS_CACHE_DIR": (__file__, "not a directory"),
     "QS_API_KEY": ("", "non-empty"),
     "QS_GROUP_SIZE": ("48", "32, 64 or 128"),
@@ -103,6 +106,9 @@ VALID_IN_PROCESS = {
     "QS_MAX_BATCH_SIZE",
     "QS_MAX_QUEUE",
     "QS_REQUEST_TIMEOUT",
+    "QS_MAX_REQUEST_BYTES",
+    "QS_SHUTDOWN_TIMEOUT",
+    "QS_STREAM_STALL_TIMEOUT",
     "QS_CACHE_DIR",
     "QS_API_KEY",
     "QS_GROUP_SIZE",
@@ -132,6 +138,9 @@ def int4_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
         "QS_MAX_BATCH_SIZE": "3",
         "QS_MAX_QUEUE": "1",
         "QS_REQUEST_TIMEOUT": "45.5",
+        "QS_MAX_REQUEST_BYTES": "50000",
+        "QS_STREAM_STALL_TIMEOUT": "12.5",
+        "QS_SHUTDOWN_TIMEOUT": "7",  # the drain itself: tests/app/test_drain.py
         "QS_API_KEY": "s3cret",
         "QS_SKIP_MODULES": "*.down_proj",
         "QS_QUANTIZE_LM_HEAD": "false",
@@ -148,10 +157,18 @@ def test_int4_process_takes_its_settings(int4_server: tuple[str, Path], tiny_mod
     assert info["model_id"].endswith(tiny_model_dir.name)
     assert info["precision"] == "int4" and info["device"] == "cpu"
     assert info["quantization"]["group_size"] == 32 and info["options"]["group_size"] == 32
-    assert info["limits"] == {"max_input_tokens": 40, "max_total_tokens": 60, "max_concurrent_requests": 5}
+    assert info["limits"] == {
+        "max_input_tokens": 40,
+        "max_total_tokens": 60,
+        "max_concurrent_requests": 5,
+        "max_request_bytes": 50000,
+        "max_chars_per_token": info["limits"]["max_chars_per_token"],
+    }
     assert info["scheduler"]["max_batch_size"] == 3
     assert info["scheduler"]["max_queue"] == 1
     assert info["scheduler"]["request_timeout"] == 45.5
+    assert info["scheduler"]["stream_stall_timeout"] == 12.5
+    assert info["scheduler"]["shutdown_timeout"] == 7
     # QS_SKIP_MODULES: both down projections stay float, with the tied head (QS_QUANTIZE_LM_HEAD=false)
     assert info["lm_head"] == "float" and info["options"]["quantize_lm_head"] == "false"
     assert info["quantization"]["layers_quantized"] == TINY_LINEARS - 2
@@ -173,6 +190,8 @@ def test_int4_process_enforces_key_and_limits(int4_server: tuple[str, Path]) -> 
     assert refused.status_code == 422 and "40" in refused.json()["error"]
     over_total = {"inputs": "Hello", "parameters": {"max_new_tokens": 59}}
     assert httpx.post(f"{base_url}/generate", json=over_total, headers=auth).status_code == 422
+    over_bytes = {"inputs": "x" * 50000}  # QS_MAX_REQUEST_BYTES
+    assert httpx.post(f"{base_url}/generate", json=over_bytes, headers=auth).status_code == 413
     assert re.search(r" DEBUG app\.service: generation finished", log.read_text())  # QS_LOG_LEVEL=debug
 
 

@@ -74,8 +74,8 @@ def test_console_script_serves_and_stops(tiny_model_dir: Path, tmp_path: Path):
     finally:
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
-    # uvicorn re-raises the SIGTERM it handled once shut down, so the exit status says "terminated".
-    assert proc.returncode in (0, -signal.SIGTERM), out.decode()
+    # an idle server drains at once and exits 0 (uvicorn alone would re-raise the SIGTERM: status -15)
+    assert proc.returncode == 0, out.decode()
     assert b"Finished server process" in out
 
 

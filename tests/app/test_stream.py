@@ -7,6 +7,7 @@ closing shows that a client that goes away frees its batch slot.
 from __future__ import annotations
 
 import json
+import socket
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -198,3 +199,58 @@ def test_full_queue_is_429_at_once(live):
         assert wait_idle(app) == (0, 0)
         metrics = client.get("/metrics").text.splitlines()
         assert any('status="429"' in line and 'error_type="overloaded"' in line for line in metrics)
+
+
+STALLED_TOKENS = 3000  # far more events than the shrunk socket buffers hold
+
+
+def test_client_that_reads_nothing_never_holds_up_the_batch_and_is_cancelled(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch, caplog: pytest.LogCaptureFixture
+):
+    """A real socket with a small receive buffer that never reads: its TCP window fills, the server's
+    send blocks; the other sequence of the batch completes meanwhile, and the stalled one is cancelled
+    after QS_STREAM_STALL_TIMEOUT, long before its max_tokens."""
+    recorders = record_steps(monkeypatch, step_seconds=0.005)
+    settings = load_settings(
+        model=str(tiny_model_dir),
+        device="cpu",
+        cache_dir=tmp_path,
+        max_input_tokens=64,
+        max_total_tokens=4096,  # the lean runner's rotary table and cache reach past the config's 512
+        max_batch_size=2,
+        stream_stall_timeout=1.0,
+    )
+    # 4 KiB server send buffers: the stall comes after tens of kilobytes of events, not megabytes
+    with serve_app(settings, send_buffer_bytes=4096) as (url, app):
+        recorder, engine = recorders[-1], app.state.service.engine
+        host, port = url.removeprefix("http://").split(":")
+        stalled = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.connect((host, int(port)))
+        payload = json.dumps(
+            {"prompt": PROMPT, "max_tokens": STALLED_TOKENS, "ignore_eos": True, "temperature": 0, "stream": True}
+        ).encode()
+        stalled.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(payload)}\r\n\r\n".encode()
+            + payload
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while engine.stats() != (1, 0):
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            stalled_slot = recorder.slots("prefill")[-1][0]
+            other = httpx.post(
+                f"{url}/generate", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 20}}, timeout=60
+            )
+            assert other.status_code == 200 and other.json()["generated_text"]
+            # the other request's steps ran with the stalled sequence in the batch
+            both = [slots for slots in recorder.slots("decode") if stalled_slot in slots and len(slots) == 2]
+            assert len(both) >= 19
+            assert wait_idle(app, timeout=120) == (0, 0)
+        finally:
+            stalled.close()
+    stalled_steps = sum(stalled_slot in slots for slots in recorder.slots("decode"))
+    assert stalled_steps < STALLED_TOKENS - 1, "the stalled sequence ran to its end"
+    assert "read nothing for 1 s (QS_STREAM_STALL_TIMEOUT)" in caplog.text

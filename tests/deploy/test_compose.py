@@ -113,3 +113,25 @@ def test_promtool_accepts_the_prometheus_config():
 def test_grafana_waits_for_a_healthy_prometheus(compose: dict):
     assert compose["services"]["grafana"]["depends_on"]["prometheus"]["condition"] == "service_healthy"
     assert Path(ROOT / "deploy" / "grafana" / "dashboards" / "quantserve.json").exists()
+
+
+def seconds(duration: str) -> float:
+    """A compose duration such as `40s` or `1m30s`."""
+    total, number = 0.0, ""
+    for char in duration:
+        if char.isdigit() or char == ".":
+            number += char
+        else:
+            total += float(number) * {"h": 3600, "m": 60, "s": 1}[char]
+            number = ""
+    return total
+
+
+def test_stop_grace_period_covers_the_drain(compose: dict):
+    from app.main import RESPONSE_FLUSH_SECONDS
+    from app.settings import Settings
+
+    default = Settings.model_fields["shutdown_timeout"].default
+    for name, service in quantserve_services(compose).items():
+        shutdown_timeout = float(service["environment"].get("QS_SHUTDOWN_TIMEOUT", default))
+        assert seconds(service["stop_grace_period"]) > shutdown_timeout + RESPONSE_FLUSH_SECONDS, name

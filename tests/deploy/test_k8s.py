@@ -111,3 +111,21 @@ def test_memory_is_sized_from_the_measured_peak(resources: list[dict]):
         assert resources_["requests"]["cpu"] == env["OMP_NUM_THREADS"]
         # Sized for the load it admits: the concurrency the peak was measured under.
         assert env["QS_MAX_CONCURRENT_REQUESTS"] == str(memory["load"]["concurrency"])
+
+
+def test_pods_stop_by_draining_within_the_grace_period(resources: list[dict]):
+    """preStop sleeps while the pod leaves the Service's endpoints; SIGTERM then drains for
+    QS_SHUTDOWN_TIMEOUT, uvicorn writes out open responses, and all that ends before the SIGKILL."""
+    from app.main import RESPONSE_FLUSH_SECONDS
+    from app.settings import Settings
+
+    for deployment in by_kind(resources, "Deployment").values():
+        pod = deployment["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        env = {e["name"]: e["value"] for e in container["env"]}
+        shutdown_timeout = float(env.get("QS_SHUTDOWN_TIMEOUT", Settings.model_fields["shutdown_timeout"].default))
+        command = container["lifecycle"]["preStop"]["exec"]["command"]
+        assert command[0] == "sleep"
+        pre_stop = float(command[1])
+        assert 0 < pre_stop < shutdown_timeout
+        assert pod["terminationGracePeriodSeconds"] > pre_stop + shutdown_timeout + RESPONSE_FLUSH_SECONDS

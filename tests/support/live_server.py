@@ -7,6 +7,7 @@ Runners are instrumented by wrapping them (`StepRecorder`), never by changing th
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +27,36 @@ from app.service import ModelService
 from app.settings import Settings
 from tests.support.env import clean_env
 from tools.bench.serving import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+# The console script's entry point with each decode step slowed by argv[1] seconds. Inline, not a
+# module of `tests`: importing that package drops the QS_* settings the child is started with.
+SLOWED_MAIN = """
+import sys, time
+from app.main import main
+from app.service import ModelService
+
+make_runner, step_seconds = ModelService._make_runner, float(sys.argv[1])
+
+
+class SlowSteps:
+    def __init__(self, runner):
+        self.runner = runner
+
+    def prefill(self, slot, token_ids):
+        return self.runner.prefill(slot, token_ids)
+
+    def decode(self, slots, token_ids):
+        time.sleep(step_seconds)
+        return self.runner.decode(slots, token_ids)
+
+    def release(self, slot):
+        self.runner.release(slot)
+
+
+ModelService._make_runner = lambda self, loaded: SlowSteps(make_runner(self, loaded))
+main()
+"""
 
 
 class StepRecorder:
@@ -72,12 +103,21 @@ def wait_ready(base_url: str, timeout: float = 120.0, process: subprocess.Popen 
 
 
 @contextmanager
-def serve_app(settings: Settings) -> Iterator[tuple[str, FastAPI]]:
-    """Serve the app on a free loopback port in this process; yield (base URL, app)."""
+def serve_app(settings: Settings, send_buffer_bytes: int | None = None) -> Iterator[tuple[str, FastAPI]]:
+    """Serve the app on a free loopback port in this process; yield (base URL, app).
+
+    `send_buffer_bytes` sets SO_SNDBUF on the listening socket (accepted sockets inherit it), so a
+    client that stops reading fills the server's buffers after kilobytes instead of megabytes.
+    """
     app = create_app(settings, exit_on_load_failure=False)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if send_buffer_bytes is not None:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer_bytes)
+    listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, name="uvicorn", daemon=True)
     thread.start()
     base_url = f"http://127.0.0.1:{port}"
     try:
@@ -86,6 +126,7 @@ def serve_app(settings: Settings) -> Iterator[tuple[str, FastAPI]]:
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+        listener.close()
 
 
 def record_steps(monkeypatch, step_seconds: float = 0.0) -> list[StepRecorder]:
@@ -102,13 +143,21 @@ def record_steps(monkeypatch, step_seconds: float = 0.0) -> list[StepRecorder]:
 
 
 @contextmanager
-def serve_process(env: dict[str, str], log_path: Path) -> Iterator[tuple[str, subprocess.Popen]]:
-    """Start `python -m app.main` (the console script's entry point) on a free loopback port."""
+def serve_process(
+    env: dict[str, str], log_path: Path, step_seconds: float | None = None
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """Start `python -m app.main` (the console script's entry point) on a free loopback port.
+
+    It runs this checkout's code (cwd and PYTHONPATH), whatever the environment installed;
+    with `step_seconds`, each decode step of its engine takes that much longer (`SLOWED_MAIN`).
+    """
     port = free_port()
     full_env = clean_env(**{"QS_HOST": "127.0.0.1", "QS_PORT": str(port), "QS_LOG_LEVEL": "warning", **env})
+    full_env["PYTHONPATH"] = str(ROOT)
+    command = ["-m", "app.main"] if step_seconds is None else ["-c", SLOWED_MAIN, str(step_seconds)]
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "app.main"], env=full_env, stdout=log, stderr=subprocess.STDOUT
+            [sys.executable, *command], env=full_env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
         )
         base_url = f"http://127.0.0.1:{port}"
         try:
