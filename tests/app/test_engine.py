@@ -103,9 +103,9 @@ class LogitsRecorder(StepRecorder):
         super().__init__(runner)
         self.rows: list[torch.Tensor] = []
 
-    def prefill(self, slot: int, token_ids: list[int]) -> torch.Tensor:
-        logits = super().prefill(slot, token_ids)
-        self.rows.append(logits.clone())
+    def prefill(self, slot: int, token_ids: list[int], all_positions: bool = False) -> torch.Tensor:
+        logits = super().prefill(slot, token_ids, all_positions)
+        self.rows.append((logits[-1] if all_positions else logits).clone())
         return logits
 
     def decode(self, slots: list[int], token_ids: list[int]) -> torch.Tensor:

@@ -41,9 +41,9 @@ class StepRecorder:
     def slots(self, kind: str) -> list[list[int]]:
         return [slots for name, slots in self.calls if name == kind]
 
-    def prefill(self, slot: int, token_ids: list[int]) -> torch.Tensor:
+    def prefill(self, slot: int, token_ids: list[int], all_positions: bool = False) -> torch.Tensor:
         self.calls.append(("prefill", [slot]))
-        return self.runner.prefill(slot, token_ids)
+        return self.runner.prefill(slot, token_ids, all_positions)
 
     def decode(self, slots: list[int], token_ids: list[int]) -> torch.Tensor:
         self.gate.wait()
