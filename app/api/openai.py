@@ -144,8 +144,14 @@ def usage(ended: list[Finish] | list[Generation]) -> Usage:
 
 
 def _top_dict(chosen_text: str, chosen_logprob: float, top: list[TokenLogprob]) -> dict[str, float]:
-    """OpenAI's legacy `top_logprobs` entry: the most likely tokens, and the chosen one (so up to N + 1)."""
-    entry = {t.text: t.logprob for t in top}
+    """OpenAI's legacy `top_logprobs` entry: the most likely tokens, and the chosen one (so up to N + 1).
+
+    Keyed by text, as OpenAI's: tokens that decode alike (partial UTF-8 bytes all read "\ufffd")
+    share one key, which keeps the most likely of them.
+    """
+    entry: dict[str, float] = {}
+    for token in top:  # best first: setdefault keeps the highest
+        entry.setdefault(token.text, token.logprob)
     entry.setdefault(chosen_text, chosen_logprob)
     return entry
 

@@ -35,6 +35,7 @@ class StepRecorder:
         self.runner = runner
         self.step_seconds = step_seconds
         self.calls: list[tuple[str, list[int]]] = []  # ("prefill" | "decode" | "release", slots)
+        self.prefill_all_positions: list[bool] = []  # each prefill: were every position's logits asked?
         self.gate = threading.Event()
         self.gate.set()  # clear it to hold every decode step until it is set again
 
@@ -43,6 +44,7 @@ class StepRecorder:
 
     def prefill(self, slot: int, token_ids: list[int], all_positions: bool = False) -> torch.Tensor:
         self.calls.append(("prefill", [slot]))
+        self.prefill_all_positions.append(all_positions)
         return self.runner.prefill(slot, token_ids, all_positions)
 
     def decode(self, slots: list[int], token_ids: list[int]) -> torch.Tensor:
