@@ -40,7 +40,12 @@ QUESTIONS = [
     ("Bees make", ["honey", "milk", "silk", "wool"], 0),
 ]
 MATCH_TOLERANCE = 1e-3  # nats, per choice: the server's lean forward against transformers'
-OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+OFFLINE = {
+    "HF_DATASETS_OFFLINE": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+}
 
 
 def write_task(directory: Path) -> Path:
