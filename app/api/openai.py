@@ -96,7 +96,7 @@ class OpenAIApi:
             logprobs = None
             if body.logprobs is not None:
                 prompt = generation.prompt.tokens if generation.prompt is not None else []
-                logprobs = completion_logprobs(prompt, generation.tokens, start=len(prompt_text) if not prompt else 0)
+                logprobs = completion_logprobs(prompt, generation.tokens, generated_start=len(prompt_text))
             choices.append(
                 CompletionChoice(
                     index=i,
@@ -156,10 +156,16 @@ def _top_dict(chosen_text: str, chosen_logprob: float, top: list[TokenLogprob]) 
     return entry
 
 
-def completion_logprobs(prompt: list[PromptToken], generated: list[TokenEvent], start: int) -> CompletionLogprobs:
-    """The legacy `logprobs` of echoed prompt tokens (may be none) then generated ones; offsets count from `start`."""
+def completion_logprobs(
+    prompt: list[PromptToken], generated: list[TokenEvent], generated_start: int
+) -> CompletionLogprobs:
+    """The legacy `logprobs` of echoed prompt tokens (may be none), then generated ones.
+
+    Text offsets: the prompt's tokens count from 0, the generated ones from `generated_start`
+    (where the completion begins in the choice's text: after the echoed prompt).
+    """
     logprobs = CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
-    offset = start
+    offset = 0
     for token in prompt:
         logprobs.tokens.append(token.text)
         logprobs.token_logprobs.append(token.logprob)
@@ -167,6 +173,7 @@ def completion_logprobs(prompt: list[PromptToken], generated: list[TokenEvent], 
         logprobs.top_logprobs.append(top)
         logprobs.text_offset.append(offset)
         offset += len(token.text)
+    offset = generated_start
     for event in generated:
         logprobs.tokens.append(event.text)
         logprobs.token_logprobs.append(event.logprob)
@@ -219,14 +226,14 @@ class _CompletionChunks:
     def prompt(self, index: int, event: PromptEvent) -> list[str]:
         reason = None if event.finish is None else FINISH_REASONS[event.finish.finish_reason]
         if self.scored_echo:
-            logprobs = completion_logprobs(event.tokens, [], start=0)
+            logprobs = completion_logprobs(event.tokens, [], generated_start=0)
             return [self._chunk(index, self.prompt_texts[index], reason, logprobs)]
         return [self._chunk(index, "", reason)] if reason is not None else []
 
     def token(self, index: int, event: TokenEvent) -> list[str]:
         reason = None if event.finish is None else FINISH_REASONS[event.finish.finish_reason]
         if self.body.logprobs is not None:
-            logprobs = completion_logprobs([], [event], start=self.offsets[index])
+            logprobs = completion_logprobs([], [event], generated_start=self.offsets[index])
             self.offsets[index] += len(event.text)
             return [self._chunk(index, event.visible_text, reason, logprobs)]
         if reason is not None:
