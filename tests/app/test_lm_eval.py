@@ -4,7 +4,7 @@
 own process, on a small multiple-choice task written here (a YAML and a JSONL: no hub, no
 download). Its per-choice log-likelihoods must equal those computed directly from the model,
 the way `quantserve-eval` loads and quantizes it (`tools/quality.py`), and fp32 against int4
-must move the way their perplexities do.
+must move the way their perplexities do (its scorer, on the start of its default text).
 """
 
 from __future__ import annotations
@@ -40,10 +40,14 @@ QUESTIONS = [
     ("A week has seven", ["days", "months", "years", "hours"], 0),
     ("The opposite of hot is", ["cold", "warm", "loud", "tall"], 0),
     ("Bees make", ["honey", "milk", "silk", "wool"], 0),
+    ("The sun rises in the", ["east", "west", "north", "south"], 0),
+    ("Two plus two equals", ["four", "five", "three", "six"], 0),
+    ("A baby cat is called a", ["kitten", "puppy", "calf", "foal"], 0),
+    ("The color of a clear daytime sky is", ["blue", "green", "red", "purple"], 0),
+    ("Ice is frozen", ["water", "milk", "oil", "sand"], 0),
+    ("The first month of the year is", ["January", "March", "July", "October"], 0),
 ]
 MATCH_TOLERANCE = 1e-3  # nats, per choice
-# against transformers' forward: int4's int8-rounded activations amplify float noise (see the test)
-FORWARD_TOLERANCE = {"fp32": MATCH_TOLERANCE, "int4": 0.1}
 OFFLINE = {
     "HF_DATASETS_OFFLINE": "1",
     "HF_HUB_OFFLINE": "1",
@@ -175,26 +179,39 @@ def served_scores(mode: str, cache_dir: Path, tokenizer_dir: Path, workdir: Path
     return served
 
 
-def assert_matches(served: dict[tuple[str, str], float], scorer: Scorer, tokenizer, tolerance: float) -> None:
+def assert_matches(served: dict[tuple[str, str], float], scorer: Scorer, tokenizer) -> None:
     for (context, continuation), loglikelihood in served.items():
         expected = direct_loglikelihood(scorer, tokenizer, context, continuation)
-        assert loglikelihood == pytest.approx(expected, abs=tolerance), (context, continuation)
+        assert loglikelihood == pytest.approx(expected, abs=MATCH_TOLERANCE), (context, continuation)
+
+
+def gold_loss_per_token(served: dict[tuple[str, str], float], tokenizer) -> float:
+    """Mean loss per token of the right answers: the task's own perplexity, in nats."""
+    loss, tokens = 0.0, 0
+    for question, choices, answer in QUESTIONS:
+        continuation = " " + choices[answer]  # lm_eval's target delimiter
+        loss -= served[(question, continuation)]
+        tokens += len(encode_pair(tokenizer, question, continuation)[1])
+    return loss / tokens
 
 
 def test_lm_eval_scores_modes_through_the_server(cache_dir, default_checkpoint, tmp_path):
     """The harness runs to the end against fp32 and int4; every choice's log-likelihood is the model's;
-    int4's perplexity is above fp32's, and so is its mean per-token loss on the task's choices."""
-    per_token_loss, perplexity = {}, {}
+    int4 loses on the right answers about what its perplexity loses on text."""
+    gold_loss, log_perplexity = {}, {}
     for mode in ("fp32", "int4"):
         served = served_scores(mode, cache_dir, default_checkpoint, tmp_path / mode)
         model, tokenizer = quality_model(mode, cache_dir)
         # the server's forward over quantserve-eval's model: the numbers are the model's, exactly
-        assert_matches(served, lean_forward(model), tokenizer, MATCH_TOLERANCE)
-        # quantserve-eval's own forward: exact in fp32; int4 rounds activations to int8 below 128 rows,
-        # which turns the two forwards' 1e-7 float differences into up to ~0.04 nats
-        assert_matches(served, transformers_forward(model), tokenizer, FORWARD_TOLERANCE[mode])
-        tokens = sum(len(encode_pair(tokenizer, c, k)[1]) for c, k in served)
-        per_token_loss[mode] = -sum(served.values()) / tokens
-        perplexity[mode] = text_perplexity(model, tokenizer)
-    assert perplexity["int4"] > perplexity["fp32"] * 1.05  # a real gap, as the quality table shows
-    assert per_token_loss["int4"] > per_token_loss["fp32"]
+        assert_matches(served, lean_forward(model), tokenizer)
+        if mode == "fp32":
+            # and quantserve-eval's own forward gives them too. Not in int4: its layers round activations
+            # to int8 below 128 rows, and the two forwards' 1e-7 float differences grow to tenths of a nat
+            assert_matches(served, transformers_forward(model), tokenizer)
+        gold_loss[mode] = gold_loss_per_token(served, tokenizer)
+        log_perplexity[mode] = math.log(text_perplexity(model, tokenizer))
+    perplexity_gap = log_perplexity["int4"] - log_perplexity["fp32"]
+    task_gap = gold_loss["int4"] - gold_loss["fp32"]
+    assert perplexity_gap > 0.05  # int4 is measurably worse on text, as the quality table shows
+    # ... and on the task, by a comparable number of nats per token (measured: 0.39 against 0.33)
+    assert perplexity_gap / 3 < task_gap < perplexity_gap * 3, (task_gap, perplexity_gap)
