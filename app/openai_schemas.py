@@ -8,14 +8,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 
-from app.schemas import MAX_SEED, NonEmptyStr, StopStr, StrictModel
+from app.schemas import MAX_SEED, MAX_TOP_LOGPROBS, NonEmptyStr, StopStr, StrictModel
 
 MAX_STOP_SEQUENCES = 4
 MAX_PROMPTS = 16
 
 OpenAIFinishReason = Literal["stop", "length"]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
 
 class _Request(StrictModel):
@@ -54,15 +55,33 @@ class SamplingFields(_Request):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: NonEmptyStr | Annotated[list[NonEmptyStr], Field(min_length=1, max_length=MAX_PROMPTS)] = Field(
-        description=f"a text, or up to {MAX_PROMPTS} texts (one choice each)"
+    prompt: (
+        NonEmptyStr
+        | TokenIds
+        | Annotated[list[NonEmptyStr], Field(min_length=1, max_length=MAX_PROMPTS)]
+        | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
+    ) = Field(description=f"a text or a list of token ids, or up to {MAX_PROMPTS} of either (one choice each)")
+    max_tokens: int | None = Field(16, ge=0, description="0 (with `echo`) only scores the prompt")
+    echo: bool = Field(False, description="put the prompt before the completion (with its log-probs when asked)")
+    logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_TOP_LOGPROBS,
+        description="log-probs of each token (the raw logits' log-softmax) and of this many most likely ones",
     )
-    max_tokens: int | None = Field(16, ge=1)
-    echo: bool = Field(False, description="put the prompt before the completion")
+
+    @model_validator(mode="after")
+    def _nothing_to_return(self) -> CompletionRequest:
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens 0 generates nothing: it needs echo true (to score the prompt)")
+        return self
 
     @property
-    def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+    def prompts(self) -> list[str | list[int]]:
+        """One text or token-id list per choice."""
+        if isinstance(self.prompt, str) or isinstance(self.prompt[0], int):
+            return [self.prompt]  # type: ignore[list-item]
+        return list(self.prompt)  # type: ignore[arg-type]
 
 
 class TextPart(_Request):
@@ -84,6 +103,23 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1, max_length=256)
     max_tokens: int | None = Field(None, ge=1, description="default: as many as QS_MAX_TOTAL_TOKENS leaves")
     max_completion_tokens: int | None = Field(None, ge=1, description="the newer name of max_tokens")
+    logprobs: bool = Field(False, description="each generated token's log-prob (the raw logits' log-softmax)")
+    top_logprobs: int | None = Field(
+        None, ge=0, le=MAX_TOP_LOGPROBS, description="with `logprobs`: this many most likely tokens at each step"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_echo(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "echo" in data:  # a clearer 422 than "extra inputs are not permitted"
+            raise ValueError("echo is not supported by /v1/chat/completions; use /v1/completions")
+        return data
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs true")
+        return self
 
     @property
     def token_budget(self) -> int | None:
@@ -96,10 +132,21 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy shape: one entry per token, prompt tokens first with `echo`."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None] = Field(description="null for the prompt's first token")
+    top_logprobs: list[dict[str, float] | None] = Field(
+        description="the `logprobs` most likely tokens and the chosen one; null for the prompt's first token"
+    )
+    text_offset: list[int] = Field(description="where each token starts in the choice's text")
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: OpenAIFinishReason | None = None
 
 
@@ -119,10 +166,25 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class ChatTopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = Field(description="the token's text as UTF-8")
+
+
+class ChatTokenLogprob(ChatTopLogprob):
+    top_logprobs: list[ChatTopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+    refusal: None = None
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: OpenAIFinishReason
 
 
@@ -148,7 +210,7 @@ class ChatDelta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: OpenAIFinishReason | None = None
 
 

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import app
 from app.engine.engine import Engine, EngineOverloaded, EngineStopped, EventStream, GenerationRequest
-from app.engine.events import ErrorEvent, ErrorKind, Finish
+from app.engine.events import ErrorEvent, ErrorKind, Finish, Generation, PromptEvent, TokenEvent
 from app.engine.runner import ModelRunner, make_runner, runner_name
 from app.engine.sampling import SamplingParams
 from app.errors import (
@@ -225,6 +225,20 @@ class ModelService:
         self._refuse_early(engine, len(text))
         return await self._off_loop(lambda: loaded.tokenizer(text)["input_ids"])
 
+    def check_token_ids(self, token_ids: list[int]) -> list[int]:
+        """A prompt given as token ids (OpenAI's `prompt: [ids]`): each must be in the model's vocabulary."""
+        loaded, engine = self._require_ready()
+        self._refuse_early(engine, 0)
+        vocab = loaded.model.config.vocab_size
+        outside = [t for t in token_ids if not 0 <= t < vocab]
+        if outside:
+            raise InputValidationError(f"token id {outside[0]} is outside the vocabulary (0 to {vocab - 1})")
+        return token_ids
+
+    def decode(self, token_ids: list[int]) -> str:
+        """The text of a prompt given as token ids (what `echo` returns)."""
+        return self._require_ready()[0].tokenizer.decode(token_ids)
+
     async def chat_prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
         """The conversation formatted with the model's chat template, ready for the assistant's turn."""
         loaded, engine = self._require_ready()
@@ -279,7 +293,7 @@ class ModelService:
                 f"QS_MAX_TOTAL_TOKENS ({limits.max_total_tokens})"
             )
 
-    async def results(self, streams: list[EventStream]) -> list[Finish]:
+    async def results(self, streams: list[EventStream]) -> list[Generation]:
         """Wait for the end of non-streamed generations; the first failure raises its HTTP error."""
         tasks = [asyncio.ensure_future(_result(s)) for s in streams]
         try:
@@ -336,13 +350,19 @@ class ModelService:
         return data
 
 
-async def _result(stream: EventStream) -> Finish:
+async def _result(stream: EventStream) -> Generation:
+    prompt: PromptEvent | None = None
+    tokens: list[TokenEvent] = []
     async with stream:
         async for event in stream:
             if isinstance(event, ErrorEvent):
                 raise _ENGINE_ERRORS.get(event.kind, GenerationError)(event.message)
+            if isinstance(event, PromptEvent):
+                prompt = event
+            else:
+                tokens.append(event)
             if event.finish is not None:
-                return event.finish
+                return Generation(prompt, tokens, event.finish)
     raise GenerationError("the generation ended without a result")
 
 

@@ -7,6 +7,7 @@ per second, time to first token (TTFT) and time per output token (TPOT, the
 mean gap between a request's later tokens).
 
     python -m tools.loadgen --url http://127.0.0.1:8000 --clients 1,4,8,16
+    python -m tools.loadgen --clients 1 --logprobs 5   # what asking for log-probs costs
 
 `run_load` / `run_sweep` are the same measurement as functions (the benchmark,
 `tools.bench`, uses them).
@@ -75,10 +76,11 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 async def stream_completion(
-    client: httpx.AsyncClient, prompt: str, max_new_tokens: int, headers: dict[str, str]
+    client: httpx.AsyncClient, prompt: str, max_new_tokens: int, headers: dict[str, str], logprobs: int | None = None
 ) -> RequestSample:
-    """One streamed completion of exactly `max_new_tokens` tokens, timed on arrival of its chunks."""
-    body = {
+    """One streamed completion of exactly `max_new_tokens` tokens, timed on arrival of its chunks
+    (with `logprobs`, each token's log-prob and its `logprobs` most likely alternatives asked too)."""
+    body: dict[str, object] = {
         "prompt": prompt,
         "max_tokens": max_new_tokens,
         "temperature": 0,
@@ -86,6 +88,8 @@ async def stream_completion(
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+    if logprobs is not None:
+        body["logprobs"] = logprobs
     sent = time.perf_counter()
     first = last = None
     tokens = 0
@@ -104,6 +108,8 @@ async def stream_completion(
             if chunk["choices"]:
                 last = time.perf_counter()
                 first = first or last
+                if logprobs is not None and not chunk["choices"][0]["logprobs"]:
+                    raise LoadError("a chunk came without the log-probs asked for")
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
     if first is None or last is None or tokens == 0:
@@ -119,6 +125,7 @@ async def run_load(
     requests_per_client: int = 2,
     api_key: str | None = None,
     timeout: float = 600.0,
+    logprobs: int | None = None,
 ) -> LoadResult:
     """`clients` concurrent clients, each sending `requests_per_client` streamed requests in turn."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -129,7 +136,7 @@ async def run_load(
         for turn in range(requests_per_client):
             prompt = PROMPTS[(number + turn * clients) % len(PROMPTS)]
             try:
-                samples.append(await stream_completion(client, prompt, max_new_tokens, headers))
+                samples.append(await stream_completion(client, prompt, max_new_tokens, headers, logprobs=logprobs))
             except (LoadError, httpx.HTTPError) as error:
                 failures.append(str(error))
 
@@ -162,6 +169,7 @@ def run_sweep(
     max_new_tokens: int = 64,
     requests_per_client: int = 2,
     api_key: str | None = None,
+    logprobs: int | None = None,
 ) -> list[LoadResult]:
     """A warm-up request, then `run_load` for each number of clients in turn."""
 
@@ -169,7 +177,12 @@ def run_sweep(
         await run_load(base_url, 1, max_new_tokens=4, requests_per_client=1, api_key=api_key)
         return [
             await run_load(
-                base_url, n, max_new_tokens=max_new_tokens, requests_per_client=requests_per_client, api_key=api_key
+                base_url,
+                n,
+                max_new_tokens=max_new_tokens,
+                requests_per_client=requests_per_client,
+                api_key=api_key,
+                logprobs=logprobs,
             )
             for n in client_counts
         ]
@@ -200,6 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--api-key", default=None, help="sent as `Authorization: Bearer` (QS_API_KEY)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
+    parser.add_argument("--logprobs", type=int, default=None, help="ask each token's log-prob and N alternatives")
     args = parser.parse_args(argv)
     counts = [int(n) for n in args.clients.split(",") if n.strip()]
     try:
@@ -209,6 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_new_tokens=args.max_new_tokens,
             requests_per_client=args.requests_per_client,
             api_key=args.api_key,
+            logprobs=args.logprobs,
         )
     except (LoadError, httpx.HTTPError) as error:
         print(f"loadgen: {error}", file=sys.stderr)

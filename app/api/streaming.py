@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Protocol
 
 from app.engine.engine import EventStream
-from app.engine.events import ErrorEvent, Event, Finish, TokenEvent
+from app.engine.events import ErrorEvent, Event, Finish, PromptEvent, TokenEvent
 from app.schemas import ErrorBody
 
 log = logging.getLogger(__name__)
@@ -19,6 +19,11 @@ class EventRenderer(Protocol):
 
     def opening(self) -> list[str]:
         """Payloads before the first token."""
+        ...
+
+    def prompt(self, index: int, event: PromptEvent) -> list[str]:
+        """Payloads for prompt `index`'s own tokens (their log-probs), before its first generated token;
+        `event.finish` is set when nothing is generated."""
         ...
 
     def token(self, index: int, event: TokenEvent) -> list[str]:
@@ -46,7 +51,8 @@ async def render(streams: list[EventStream], renderer: EventRenderer, done: str 
                 break
             if event.finish is not None:
                 finishes.append(event.finish)
-            for payload in renderer.token(index, event):
+            payloads = renderer.prompt(index, event) if isinstance(event, PromptEvent) else renderer.token(index, event)
+            for payload in payloads:
                 yield payload
         else:
             for payload in renderer.closing(finishes):

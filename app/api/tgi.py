@@ -6,9 +6,19 @@ from collections.abc import AsyncIterator
 
 from app.api.streaming import render
 from app.engine.engine import EventStream
-from app.engine.events import Finish, TokenEvent
+from app.engine.events import Finish, Generation, PromptEvent, TokenEvent, TokenLogprob
 from app.engine.sampling import SamplingParams
-from app.schemas import Details, GenerateParameters, GenerateRequest, GenerateResponse, StreamResponse, StreamToken
+from app.errors import InputValidationError
+from app.schemas import (
+    Details,
+    GenerateDetails,
+    GenerateParameters,
+    GenerateRequest,
+    GenerateResponse,
+    PrefillToken,
+    StreamResponse,
+    StreamToken,
+)
 from app.service import ModelService
 
 
@@ -22,6 +32,8 @@ def sampling_params(p: GenerateParameters) -> SamplingParams:
         do_sample=p.do_sample,
         seed=p.seed,
         stop=list(p.stop),
+        top_logprobs=p.top_n_tokens or 0,
+        prompt_logprobs=0 if p.decoder_input_details else None,
     )
 
 
@@ -34,11 +46,15 @@ class TgiApi:
         return self.service.open([prompt_ids], sampling_params(body.parameters))
 
     async def generate(self, body: GenerateRequest) -> GenerateResponse:
-        [finish] = await self.service.results(await self._open(body))
-        return GenerateResponse(generated_text=_text(body, finish), details=_details(body, finish))
+        [generation] = await self.service.results(await self._open(body))
+        return GenerateResponse(
+            generated_text=_text(body, generation.finish), details=_generate_details(body, generation)
+        )
 
     async def generate_stream(self, body: GenerateRequest) -> AsyncIterator[str]:
         """Admit the request now (errors become HTTP statuses), then stream TGI's events as JSON."""
+        if body.parameters.decoder_input_details:  # as TGI: the prompt's details come only in a whole response
+            raise InputValidationError("parameters.decoder_input_details is not supported when streaming tokens")
         return render(await self._open(body), _TgiEvents(body))
 
 
@@ -51,9 +67,13 @@ class _TgiEvents:
     def opening(self) -> list[str]:
         return []
 
+    def prompt(self, index: int, event: PromptEvent) -> list[str]:
+        return []  # never asked for: decoder_input_details is refused when streaming, and max_new_tokens >= 1
+
     def token(self, index: int, event: TokenEvent) -> list[str]:
-        token = StreamToken(id=event.id, text=event.text, logprob=event.logprob, special=event.special)
-        response = StreamResponse(index=event.index, token=token)
+        response = StreamResponse(
+            index=event.index, token=_token(event), top_tokens=[_alternative(t) for t in event.top_logprobs]
+        )
         if event.finish is not None:
             response.generated_text = _text(self.body, event.finish)
             response.details = _details(self.body, event.finish)
@@ -61,6 +81,14 @@ class _TgiEvents:
 
     def closing(self, finishes: list[Finish]) -> list[str]:
         return []
+
+
+def _token(event: TokenEvent) -> StreamToken:
+    return StreamToken(id=event.id, text=event.text, logprob=event.logprob, special=event.special)
+
+
+def _alternative(token: TokenLogprob) -> StreamToken:
+    return StreamToken(id=token.id, text=token.text, logprob=token.logprob, special=token.special)
 
 
 def _text(body: GenerateRequest, finish: Finish) -> str:
@@ -75,4 +103,24 @@ def _details(body: GenerateRequest, finish: Finish) -> Details | None:
         generated_tokens=finish.generated_tokens,
         prompt_tokens=finish.prompt_tokens,
         seed=finish.seed,
+    )
+
+
+def _generate_details(body: GenerateRequest, generation: Generation) -> GenerateDetails | None:
+    """TGI's details of a whole response: asked by `details`, or by `decoder_input_details` (as TGI does)."""
+    parameters = body.parameters
+    if not (parameters.details or parameters.decoder_input_details):
+        return None
+    finish = generation.finish
+    prompt = generation.prompt.tokens if generation.prompt is not None else []
+    return GenerateDetails(
+        finish_reason=finish.finish_reason.value,
+        generated_tokens=finish.generated_tokens,
+        prompt_tokens=finish.prompt_tokens,
+        seed=finish.seed,
+        prefill=[PrefillToken(id=t.id, text=t.text, logprob=t.logprob) for t in prompt],
+        tokens=[_token(t) for t in generation.tokens],
+        top_tokens=None
+        if parameters.top_n_tokens is None
+        else [[_alternative(a) for a in t.top_logprobs] for t in generation.tokens],
     )

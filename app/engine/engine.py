@@ -28,7 +28,18 @@ from typing import Any
 
 import torch
 
-from app.engine.events import ErrorEvent, ErrorKind, Event, Finish, FinishReason, TokenEvent
+from app.engine.events import (
+    ErrorEvent,
+    ErrorKind,
+    Event,
+    Finish,
+    FinishReason,
+    Generation,
+    PromptEvent,
+    PromptToken,
+    TokenEvent,
+    TokenLogprob,
+)
 from app.engine.output import OutputProcessor, SamplingFailed, SequenceState
 from app.engine.runner import ModelRunner
 from app.engine.scheduler import Emit, EngineOverloaded, EngineStopped, GenerationRequest, Scheduler, Ticket
@@ -47,9 +58,13 @@ __all__ = [
     "Finish",
     "FinishCallback",
     "FinishReason",
+    "Generation",
     "GenerationRequest",
+    "PromptEvent",
+    "PromptToken",
     "StateCallback",
     "TokenEvent",
+    "TokenLogprob",
 ]
 
 log = logging.getLogger(__name__)
@@ -253,7 +268,23 @@ class Engine:
         self._publish_state()
 
     def _prefill(self, ticket: Ticket) -> None:
-        self._process(ticket, self.runner.prefill(ticket.slot, ticket.request.prompt_ids))
+        params = ticket.request.params
+        # the logits of every prompt position only when its log-probs are asked: they cost a head matmul each
+        all_positions = params.prompt_logprobs is not None
+        # a runner that raises is an engine fault (_work): it fails every request, not this one alone
+        logits = self.runner.prefill(ticket.slot, ticket.request.prompt_ids, all_positions=all_positions)
+        if all_positions or params.max_new_tokens == 0:
+            try:
+                prompt = self._output.prompt(self._states[ticket.slot], logits if all_positions else None)
+            except Exception as error:  # this sequence's problem: it fails alone
+                log.warning("prompt log-probs of slot %d failed: %s", ticket.slot, error)
+                self._fail(ticket, ErrorEvent(f"generation failed: {error}"))
+                return
+            self._deliver(ticket, prompt)
+            if prompt.finish is not None:
+                return
+            logits = logits[-1]
+        self._process(ticket, logits)
 
     def _decode(self, batch: list[Ticket]) -> None:
         states = [self._states[t.slot] for t in batch]
@@ -271,6 +302,10 @@ class Engine:
             log.warning("sequence in slot %d failed: %s", ticket.slot, error)
             self._fail(ticket, ErrorEvent(f"generation failed: {error}"))
             return
+        self._deliver(ticket, event)
+
+    def _deliver(self, ticket: Ticket, event: TokenEvent | PromptEvent) -> None:
+        """Emit the sequence's event; when it ends the sequence, retire it and report the finish first."""
         if event.finish is not None:
             # Retire first: by the time the caller sees the end, its slot is free for its next request.
             self._scheduler.retire(ticket)

@@ -6,7 +6,7 @@ API adapters render these into their own wire formats; nothing here knows about 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 class FinishReason(enum.StrEnum):
@@ -35,15 +35,56 @@ class Finish:
     total_seconds: float
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token with its log-probability under the model's raw logits."""
+
+    id: int
+    text: str  # the token decoded alone
+    logprob: float
+    special: bool
+
+
 @dataclass
 class TokenEvent:
     index: int
     id: int
     text: str  # this token's text (TGI's `token.text`)
     visible_text: str  # text that became safe to show, stop sequences considered
-    logprob: float
+    logprob: float  # log-softmax of the raw logits: before penalty, temperature and filters
     special: bool
     finish: Finish | None = None  # set on the sequence's last token
+    top_logprobs: list[TokenLogprob] = field(default_factory=list)  # the request's top_logprobs, best first
+
+
+@dataclass(frozen=True)
+class PromptToken:
+    id: int
+    text: str  # the token decoded alone
+    logprob: float | None  # given the tokens before it; None for the first, which nothing predicts
+    special: bool
+    top_logprobs: list[TokenLogprob]  # the most likely tokens at its position, best first (empty for the first)
+
+
+@dataclass
+class PromptEvent:
+    """The prompt's tokens with their log-probs, before the first `TokenEvent`.
+
+    Sent when the request asks for prompt log-probs (`tokens` filled) or generates no
+    token at all (`max_new_tokens` 0: then `finish` is set and no `TokenEvent` follows).
+    """
+
+    tokens: list[PromptToken]
+    finish: Finish | None = None
+
+
+@dataclass
+class Generation:
+    """A whole non-streamed generation: what its caller awaits."""
+
+    prompt: PromptEvent | None
+    tokens: list[TokenEvent]
+    finish: Finish
 
 
 @dataclass
@@ -52,4 +93,4 @@ class ErrorEvent:
     kind: ErrorKind = ErrorKind.GENERATION
 
 
-Event = TokenEvent | ErrorEvent
+Event = TokenEvent | PromptEvent | ErrorEvent

@@ -214,7 +214,7 @@ class LlamaRunner:
 
     # --- ModelRunner --------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, slot: int, token_ids: list[int]) -> torch.Tensor:
+    def prefill(self, slot: int, token_ids: list[int], all_positions: bool = False) -> torch.Tensor:
         n = len(token_ids)
         if not 0 < n <= self.max_len:
             raise ValueError(f"prompt of {n} tokens; the runner holds 1 to {self.max_len}")
@@ -234,7 +234,8 @@ class LlamaRunner:
         self._rows[slot] = row
         self._lengths[slot] = n
         self._zeroed[row] = max(self._zeroed[row], n)
-        return self._logits(h[-1:].to(self.dtype))[0]
+        h = h.to(self.dtype)  # the head in the model's dtype (a float32 prefill comes back to it)
+        return self._logits(h) if all_positions else self._logits(h[-1:])[0]
 
     def _batch_rows(self, slots: list[int], token_ids: list[int]) -> tuple[list[int], list[int]]:
         """The cache rows and next positions of a decode step's sequences (checked: distinct, one token each)."""

@@ -1,4 +1,5 @@
-"""The output processor: from a row of logits to the sequence's next `TokenEvent`.
+"""The output processor: from a row of logits to the sequence's next `TokenEvent`
+(and from a prompt's logits to its `PromptEvent`, when the request asks).
 
 Each sequence keeps its own sampling state (seeded generator, the tokens the
 repetition penalty looks at), detokenizer and stop matcher; the processor
@@ -14,8 +15,8 @@ from typing import Any
 import torch
 
 from app.engine.detokenizer import IncrementalDetokenizer
-from app.engine.events import Finish, FinishReason, TokenEvent
-from app.engine.sampling import choose_token
+from app.engine.events import Finish, FinishReason, PromptEvent, PromptToken, TokenEvent, TokenLogprob
+from app.engine.sampling import TokenChoice, choose_token, prompt_logprobs
 from app.engine.scheduler import GenerationRequest
 from app.engine.stops import StopMatcher
 
@@ -54,14 +55,50 @@ class OutputProcessor:
         self.device = device
         self._special_ids = set(getattr(tokenizer, "all_special_ids", []))
         self._no_tokens = torch.empty(0, dtype=torch.long, device=device)
+        self._texts: dict[int, str] = {}  # token id -> its text decoded alone (top log-probs name many)
 
     def open(self, request: GenerationRequest, admitted_at: float) -> SequenceState:
         """The state of a sequence that was just admitted (its generator is seeded here)."""
         return SequenceState(request, self.tokenizer, self.device, admitted_at)
 
+    def prompt(self, state: SequenceState, logits: torch.Tensor | None) -> PromptEvent:
+        """The prompt's event from the logits of all its positions ([n, vocab]; None: no log-probs asked).
+
+        A request that generates nothing (`max_new_tokens` 0) ends here.
+        """
+        params = state.request.params
+        ids = state.request.prompt_ids
+        tokens: list[PromptToken] = []
+        if logits is not None:
+            top = params.prompt_logprobs or 0
+            scored = prompt_logprobs(logits, ids, top)
+            logprobs: list[float | None] = [None, *scored.logprobs]
+            alternatives = [[], *scored.top]
+            tokens = [
+                PromptToken(token, self.token_text(token), logprob, self._special(token), self._logprobs(pairs))
+                for token, logprob, pairs in zip(ids, logprobs, alternatives, strict=True)
+            ]
+        event = PromptEvent(tokens)
+        if params.max_new_tokens == 0:
+            state.first_token_at = time.perf_counter()
+            event.finish = self._finish(state, FinishReason.LENGTH)
+        return event
+
+    def token_text(self, token: int) -> str:
+        text = self._texts.get(token)
+        if text is None:
+            text = self._texts[token] = self.tokenizer.decode([token], skip_special_tokens=False)
+        return text
+
+    def _special(self, token: int) -> bool:
+        return token in self._special_ids or token in self.eos_token_ids
+
+    def _logprobs(self, pairs: list[tuple[int, float]]) -> list[TokenLogprob]:
+        return [TokenLogprob(token, self.token_text(token), logprob, self._special(token)) for token, logprob in pairs]
+
     def process(self, state: SequenceState, logits: torch.Tensor) -> TokenEvent:
         """Choose the next token from a 1-D logits row and return its event, with `finish` set on the last one."""
-        token, logprob = self._sample(state, logits)
+        token, logprob, top = self._sample(state, logits)
         state.generated += 1
         state.last_token = token
         state.first_token_at = state.first_token_at or time.perf_counter()
@@ -79,16 +116,17 @@ class OutputProcessor:
             elif state.generated >= params.max_new_tokens:
                 visible += state.stops.flush()
                 reason = FinishReason.LENGTH
-        special = token in self._special_ids or token in self.eos_token_ids
-        event = TokenEvent(state.generated - 1, token, text, visible, logprob, special)
+        event = TokenEvent(state.generated - 1, token, text, visible, logprob, self._special(token))
+        event.top_logprobs = self._logprobs(top)
         if reason is not None:
             event.finish = self._finish(state, reason)
         return event
 
-    def _sample(self, state: SequenceState, logits: torch.Tensor) -> tuple[int, float]:
+    def _sample(self, state: SequenceState, logits: torch.Tensor) -> TokenChoice:
         seen = self._no_tokens if state.seen is None else torch.tensor(state.seen, device=self.device)
+        params = state.request.params
         try:
-            return choose_token(logits, state.request.params, state.generator, seen)
+            return choose_token(logits, params, state.generator, seen, params.top_logprobs)
         except Exception as error:
             raise SamplingFailed(str(error)) from error
 

@@ -19,8 +19,9 @@ log = logging.getLogger(__name__)
 
 
 class ModelRunner(Protocol):
-    def prefill(self, slot: int, token_ids: list[int]) -> torch.Tensor:
-        """Run the prompt of a new sequence; return float logits of its last position, shape [vocab]."""
+    def prefill(self, slot: int, token_ids: list[int], all_positions: bool = False) -> torch.Tensor:
+        """Run the prompt of a new sequence; return float logits of its last position, shape [vocab],
+        or with `all_positions` of every position, [len(token_ids), vocab] (prompt log-probs)."""
         ...
 
     def decode(self, slots: list[int], token_ids: list[int]) -> torch.Tensor:
@@ -45,13 +46,14 @@ class HFRunner:
         self._lengths: dict[int, int] = {}
 
     @torch.inference_mode()
-    def prefill(self, slot: int, token_ids: list[int]) -> torch.Tensor:
+    def prefill(self, slot: int, token_ids: list[int], all_positions: bool = False) -> torch.Tensor:
         cache = self._cache_cls(config=self.model.config)
         ids = torch.tensor([token_ids], device=self.device)
-        out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        keep = 0 if all_positions else 1  # transformers: 0 keeps every position
+        out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=keep)
         self._caches[slot] = out.past_key_values
         self._lengths[slot] = len(token_ids)
-        return out.logits[0, -1].float()
+        return out.logits[0].float() if all_positions else out.logits[0, -1].float()
 
     @torch.inference_mode()
     def decode(self, slots: list[int], token_ids: list[int]) -> torch.Tensor:

@@ -5,11 +5,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
 # Below this, dividing by the temperature overflows float32 logits; it means greedy anyway (as in vLLM).
 GREEDY_TEMPERATURE = 1e-5
+# Rows of prompt logits turned into log-probs at once (bounds the temporary to ~50 MB at a 49k vocabulary).
+_PROMPT_CHUNK = 256
 
 
 @dataclass
@@ -23,6 +26,9 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False  # generate max_new_tokens whatever the model says (benchmarks)
+    top_logprobs: int = 0  # most likely alternatives reported with each generated token
+    # None: the prompt's log-probs are not computed (no logits for its positions); N: they are, with N alternatives
+    prompt_logprobs: int | None = None
 
     @property
     def sampling(self) -> bool:
@@ -82,15 +88,26 @@ def one_intra_op_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+class TokenChoice(NamedTuple):
+    token: int
+    logprob: float  # the token's log-probability under the raw logits (before penalty, temperature, filters)
+    top: list[tuple[int, float]]  # the most likely (token, logprob) pairs of the raw distribution, best first
+
+
 def choose_token(
     logits: torch.Tensor,
     params: SamplingParams,
     generator: torch.Generator | None,
     seen: torch.Tensor,
-) -> tuple[int, float]:
-    """Return (token id, its log-probability under the final distribution) for a 1-D logits row."""
+    top: int = 0,
+) -> TokenChoice:
+    """Choose the next token from a 1-D logits row; report log-probs of the raw logits, with `top` alternatives.
+
+    The reported numbers are the model's (log-softmax of its logits), not the sampler's: vLLM's
+    default, and what evaluation tools read. The penalty and the warpers only shape the choice.
+    """
     with one_intra_op_thread():
-        return _choose_token(logits, params, generator, seen)
+        return _choose_token(logits, params, generator, seen, top)
 
 
 def _choose_token(
@@ -98,19 +115,51 @@ def _choose_token(
     params: SamplingParams,
     generator: torch.Generator | None,
     seen: torch.Tensor,
-) -> tuple[int, float]:
-    logits = logits.float()
-    if torch.isnan(logits).any():  # argmax would pick a NaN as the largest: a token from garbage
+    top: int,
+) -> TokenChoice:
+    raw = logits.float()
+    if torch.isnan(raw).any():  # argmax would pick a NaN as the largest: a token from garbage
         raise ValueError("the model's logits for this sequence contain NaN")
+    logits = raw
     if params.repetition_penalty is not None:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.sampling:
         logits = warp(logits, params)
-    # An extreme penalty can push logits to +-inf, and inf - inf is NaN in the softmax.
-    logits = logits.clamp(-torch.finfo(logits.dtype).max, torch.finfo(logits.dtype).max)
-    logprobs = torch.log_softmax(logits, dim=-1)
     if params.sampling:
-        token = int(torch.multinomial(logprobs.exp(), 1, generator=generator).item())
+        # An extreme penalty can push logits to +-inf, and inf - inf is NaN in the softmax.
+        logits = logits.clamp(-torch.finfo(logits.dtype).max, torch.finfo(logits.dtype).max)
+        token = int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).item())
     else:
         token = int(torch.argmax(logits).item())
-    return token, float(logprobs[token].item())
+    raw_logprobs = torch.log_softmax(raw, dim=-1)
+    return TokenChoice(token, float(raw_logprobs[token].item()), most_likely(raw_logprobs, top))
+
+
+def most_likely(logprobs: torch.Tensor, count: int) -> list[tuple[int, float]]:
+    """The `count` highest (token, logprob) pairs of a 1-D row, best first."""
+    if count <= 0:
+        return []
+    values, ids = torch.topk(logprobs, min(count, logprobs.shape[-1]))
+    return list(zip(ids.tolist(), values.tolist(), strict=True))
+
+
+@dataclass
+class PromptLogprobs:
+    logprobs: list[float]  # of each prompt token after the first, given the ones before it
+    top: list[list[tuple[int, float]]]  # per such token: its most likely alternatives, best first
+
+
+def prompt_logprobs(logits: torch.Tensor, token_ids: list[int], top: int) -> PromptLogprobs:
+    """Log-probs of the prompt's tokens 1..n-1 from the logits of positions 0..n-2 ([n, vocab] given)."""
+    targets = torch.tensor(token_ids[1:], dtype=torch.long, device=logits.device)
+    result = PromptLogprobs([], [])
+    for begin in range(0, len(targets), _PROMPT_CHUNK):  # a whole prompt's rows: worth all intra-op threads
+        chunk = targets[begin : begin + _PROMPT_CHUNK]
+        rows = torch.log_softmax(logits[begin : begin + len(chunk)].float(), dim=-1)
+        result.logprobs.extend(rows.gather(-1, chunk[:, None])[:, 0].tolist())
+        if top > 0:
+            values, ids = torch.topk(rows, min(top, rows.shape[-1]), dim=-1)
+            result.top.extend(list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(), strict=True))
+    if top <= 0:
+        result.top = [[] for _ in result.logprobs]
+    return result

@@ -25,6 +25,7 @@ from app.engine.engine import (
     Finish,
     FinishReason,
     GenerationRequest,
+    PromptEvent,
     TokenEvent,
 )
 from app.engine.runner import HFRunner, ModelRunner, make_runner
@@ -105,9 +106,9 @@ class LogitsRecorder(StepRecorder):
         super().__init__(runner)
         self.rows: list[torch.Tensor] = []
 
-    def prefill(self, slot: int, token_ids: list[int]) -> torch.Tensor:
-        logits = super().prefill(slot, token_ids)
-        self.rows.append(logits.clone())
+    def prefill(self, slot: int, token_ids: list[int], all_positions: bool = False) -> torch.Tensor:
+        logits = super().prefill(slot, token_ids, all_positions)
+        self.rows.append((logits[-1] if all_positions else logits).clone())
         return logits
 
     def decode(self, slots: list[int], token_ids: list[int]) -> torch.Tensor:
@@ -182,6 +183,26 @@ def test_logprobs_match_alone_in_a_batch(tiny):
     for single, batched in zip(alone, together, strict=True):
         assert single.id == batched.id
         assert single.logprob == pytest.approx(batched.logprob, abs=1e-4)
+
+
+@pytest.mark.parametrize("runner_kind", sorted(RUNNERS))
+def test_prompt_logprobs_are_transformers_and_change_nothing_else(tiny, runner_kind):
+    """Each runner's all-position prefill scores the prompts as transformers' forward does, in a
+    batch of three; the tokens generated after it are those of a plain prefill."""
+    prompts = [prompt_ids(tiny, p) for p in PROMPTS[:3]]
+    with torch.inference_mode():
+        expected = [torch.log_softmax(tiny.model(torch.tensor([ids])).logits[0].float(), -1) for ids in prompts]
+    scored = [GenerationRequest(ids, SamplingParams(max_new_tokens=4, prompt_logprobs=2)) for ids in prompts]
+    together = run(make_engine(tiny, RUNNERS[runner_kind](tiny, 4)), scored)
+    plain = run(make_engine(tiny, RUNNERS[runner_kind](tiny, 4)), [greedy(ids, 4) for ids in prompts])
+    for ids, reference, events, plain_events in zip(prompts, expected, together, plain, strict=True):
+        prompt = events[0]
+        assert isinstance(prompt, PromptEvent) and prompt.finish is None
+        assert [t.id for t in prompt.tokens] == ids and prompt.tokens[0].logprob is None
+        for position, token in enumerate(prompt.tokens[1:], start=1):
+            assert token.logprob == pytest.approx(float(reference[position - 1, ids[position]]), abs=1e-4)
+            assert [t.id for t in token.top_logprobs] == reference[position - 1].topk(2).indices.tolist()
+        assert tokens(events) == tokens(plain_events) and len(tokens(events)) == 4
 
 
 def test_same_seed_samples_the_same_alone_or_batched(tiny):

@@ -142,3 +142,56 @@ def test_errors_raise_the_clients_exceptions(client, server):
     with pytest.raises(openai.AuthenticationError):
         wrong_key.models.list()
     assert wait_idle(server[1]) == (0, 0)
+
+
+def test_client_parses_echoed_prompt_logprobs(client, server):
+    """lm-evaluation-harness's request: the prompt scored, nothing generated."""
+    completion = client.completions.create(model="m", prompt=PROMPT, max_tokens=0, echo=True, logprobs=2)
+    choice = completion.choices[0]
+    logprobs = choice.logprobs
+    assert choice.text == PROMPT and completion.usage.completion_tokens == 0
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs)
+    assert len(logprobs.tokens) == len(logprobs.text_offset) == completion.usage.prompt_tokens
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    assert all(value < 0 for value in logprobs.token_logprobs[1:])
+    assert all(isinstance(top, dict) and 1 <= len(top) <= 3 for top in logprobs.top_logprobs[1:])
+    # token-id prompts (what the harness sends) parse the same
+    ids = server[1].state.service.loaded.tokenizer(PROMPT)["input_ids"]
+    from_ids = client.completions.create(model="m", prompt=ids, max_tokens=0, echo=True, logprobs=0)
+    assert from_ids.choices[0].text == PROMPT
+    assert from_ids.choices[0].logprobs.token_logprobs == logprobs.token_logprobs
+
+
+def test_client_parses_streamed_completion_logprobs(client):
+    whole = client.completions.create(model="m", prompt=PROMPT, max_tokens=5, temperature=0, logprobs=1)
+    chunks = list(
+        client.completions.create(model="m", prompt=PROMPT, max_tokens=5, temperature=0, logprobs=1, stream=True)
+    )
+    streamed = [value for c in chunks for value in c.choices[0].logprobs.token_logprobs]
+    assert streamed == whole.choices[0].logprobs.token_logprobs
+    assert len(streamed) == whole.usage.completion_tokens
+
+
+def test_client_parses_chat_logprobs(client):
+    chat = client.chat.completions.create(
+        model="m", messages=MESSAGES, max_tokens=5, temperature=0, logprobs=True, top_logprobs=2
+    )
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens
+    for entry in content:
+        assert entry.bytes == list(entry.token.encode())
+        assert [t.logprob for t in entry.top_logprobs] == sorted((t.logprob for t in entry.top_logprobs), reverse=True)
+        assert len(entry.top_logprobs) == 2 and entry.top_logprobs[0].logprob == entry.logprob  # greedy
+    stream = client.chat.completions.create(
+        model="m", messages=MESSAGES, max_tokens=5, temperature=0, logprobs=True, top_logprobs=2, stream=True
+    )
+    streamed = [
+        entry
+        for chunk in stream
+        if chunk.choices and chunk.choices[0].logprobs
+        for entry in chunk.choices[0].logprobs.content
+    ]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+    with pytest.raises(openai.UnprocessableEntityError) as too_many:
+        client.chat.completions.create(model="m", messages=MESSAGES, logprobs=True, top_logprobs=21)
+    assert "top_logprobs" in too_many.value.response.json()["error"]

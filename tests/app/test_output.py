@@ -119,3 +119,40 @@ def test_a_sampling_error_is_reported_as_sampling_failed():
     with pytest.raises(SamplingFailed):
         out.process(state, one_hot(0))
     assert state.generated == 0
+
+
+def test_top_logprobs_are_the_raw_distributions_best_first():
+    out = processor()
+    request = GenerationRequest([0], SamplingParams(top_logprobs=2, repetition_penalty=3.0))
+    state = out.open(request, admitted_at=time.perf_counter())
+    logits = torch.tensor([2.0, 1.0, 0.5, 3.0])
+    event = out.process(state, logits)
+    expected = torch.log_softmax(logits, -1)
+    assert event.id == 3 and event.logprob == pytest.approx(float(expected[3]))
+    assert [(t.id, t.text, t.special) for t in event.top_logprobs] == [(3, "</s>", True), (0, "a", False)]
+    assert [t.logprob for t in event.top_logprobs] == pytest.approx([float(expected[3]), float(expected[0])])
+
+
+def test_prompt_event_scores_each_token_from_the_positions_before_it():
+    out = processor()
+    prompt = [0, 2, 1]
+    request = GenerationRequest(prompt, SamplingParams(prompt_logprobs=1))
+    state = out.open(request, admitted_at=time.perf_counter())
+    logits = torch.tensor([[0.0, 1.0, 2.0, 0.0], [3.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    event = out.prompt(state, logits)
+    rows = torch.log_softmax(logits, -1)
+    assert [t.id for t in event.tokens] == prompt and [t.text for t in event.tokens] == ["a", "c", "b"]
+    assert event.tokens[0].logprob is None and event.tokens[0].top_logprobs == []
+    assert event.tokens[1].logprob == pytest.approx(float(rows[0, 2]))
+    assert event.tokens[2].logprob == pytest.approx(float(rows[1, 1]))
+    assert [t.id for t in event.tokens[1].top_logprobs] == [2] and [t.id for t in event.tokens[2].top_logprobs] == [0]
+    assert event.finish is None  # tokens follow
+
+
+def test_max_new_tokens_0_ends_at_the_prompt():
+    out = processor()
+    state = out.open(GenerationRequest([0, 1], SamplingParams(max_new_tokens=0)), admitted_at=time.perf_counter())
+    event = out.prompt(state, None)
+    assert event.tokens == []
+    assert event.finish is not None and event.finish.finish_reason is FinishReason.LENGTH
+    assert (event.finish.generated_tokens, event.finish.prompt_tokens, event.finish.generated_text) == (0, 2, "")

@@ -37,9 +37,9 @@ class PromptLog:
         self.prompts: list[list[int]] = []
         self.prefilled = threading.Event()
 
-    def prefill(self, slot: int, token_ids: list[int]) -> torch.Tensor:
+    def prefill(self, slot: int, token_ids: list[int], all_positions: bool = False) -> torch.Tensor:
         self.prompts.append(list(token_ids))
-        logits = self.runner.prefill(slot, token_ids)
+        logits = self.runner.prefill(slot, token_ids, all_positions)
         self.prefilled.set()
         return logits
 

@@ -17,7 +17,8 @@ LOGITS = PROBS.log()
 
 
 def draw(logits: torch.Tensor, params: SamplingParams, seed: int) -> tuple[int, float]:
-    return choose_token(logits, params, torch.Generator().manual_seed(seed), NO_TOKENS)
+    choice = choose_token(logits, params, torch.Generator().manual_seed(seed), NO_TOKENS)
+    return choice.token, choice.logprob
 
 
 def drawn(logits: torch.Tensor, params: SamplingParams) -> set[int]:
@@ -36,15 +37,17 @@ def test_top_k_1_and_tiny_top_p_are_greedy(params):
     for seed, row in enumerate(random_rows(50)):
         token, logprob = draw(row, sampled, seed)
         assert token == int(row.argmax())
-        assert logprob == pytest.approx(0.0, abs=1e-6)  # the only token left holds all the mass
+        # reported under the raw logits, not the filtered distribution (where it holds all the mass)
+        assert logprob == pytest.approx(float(torch.log_softmax(row, -1).max()), abs=1e-6)
+        assert logprob < -1e-3
 
 
 def test_top_k_never_draws_outside_the_k_most_likely():
     results = dict(draw(LOGITS, SamplingParams(do_sample=True, top_k=2), seed) for seed in range(DRAWS))
     assert results.keys() == {1, 3}  # both kept tokens appear; nothing else ever does
-    # the survivors are renormalised: 0.5 / (0.5 + 0.3) and 0.3 / (0.5 + 0.3)
-    assert results[1] == pytest.approx(math.log(0.5 / 0.8), abs=1e-5)
-    assert results[3] == pytest.approx(math.log(0.3 / 0.8), abs=1e-5)
+    # the log-probs are the model's, not the renormalised survivors' (0.5 / 0.8 and 0.3 / 0.8)
+    assert results[1] == pytest.approx(math.log(0.5), abs=1e-5)
+    assert results[3] == pytest.approx(math.log(0.3), abs=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -90,7 +93,7 @@ def test_choose_token_samples_on_one_intra_op_thread_and_restores_the_count(monk
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        token, _ = sampling.choose_token(torch.tensor([0.0, 3.0, 1.0]), SamplingParams(), None, torch.empty(0))
+        token = sampling.choose_token(torch.tensor([0.0, 3.0, 1.0]), SamplingParams(), None, torch.empty(0)).token
         assert token == 1 and seen_threads == [1] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)

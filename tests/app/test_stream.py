@@ -45,9 +45,10 @@ def test_generate_stream_has_tgi_shape_and_matches_generate(client, tiny_model_d
     whole = client.post("/generate", json={"inputs": PROMPT, "parameters": parameters}).json()
     assert [e["index"] for e in events] == list(range(len(events)))
     for event in events:
-        assert event.keys() == {"index", "token", "generated_text", "details"}
+        assert event.keys() == {"index", "token", "top_tokens", "generated_text", "details"}
         assert event["token"].keys() == {"id", "text", "logprob", "special"}
         assert event["token"]["logprob"] <= 0
+        assert event["top_tokens"] == []  # not asked
     assert all(e["generated_text"] is None and e["details"] is None for e in events[:-1])
     last = events[-1]
     # decoded anew from the streamed ids by a tokenizer of our own, not the engine's detokenizer
@@ -55,7 +56,9 @@ def test_generate_stream_has_tgi_shape_and_matches_generate(client, tiny_model_d
     decoded = tokenizer.decode([e["token"]["id"] for e in events], skip_special_tokens=True)
     assert last["generated_text"] == whole["generated_text"] == decoded
     assert "".join(e["token"]["text"] for e in events) == decoded
-    assert last["details"] == {**whole["details"], "seed": None}
+    assert last["details"] == {key: whole["details"].get(key) for key in last["details"]}
+    assert whole["details"]["tokens"] == [e["token"] for e in events]
+    assert whole["details"]["prefill"] == []  # decoder_input_details not asked
     assert last["details"]["generated_tokens"] == len(events)
 
 

@@ -66,15 +66,17 @@ class StepRecorder:
         self.runner = runner
         self.step_seconds = step_seconds
         self.calls: list[tuple[str, list[int]]] = []  # ("prefill" | "decode" | "release", slots)
+        self.prefill_all_positions: list[bool] = []  # each prefill: were every position's logits asked?
         self.gate = threading.Event()
         self.gate.set()  # clear it to hold every decode step until it is set again
 
     def slots(self, kind: str) -> list[list[int]]:
         return [slots for name, slots in self.calls if name == kind]
 
-    def prefill(self, slot: int, token_ids: list[int]) -> torch.Tensor:
+    def prefill(self, slot: int, token_ids: list[int], all_positions: bool = False) -> torch.Tensor:
         self.calls.append(("prefill", [slot]))
-        return self.runner.prefill(slot, token_ids)
+        self.prefill_all_positions.append(all_positions)
+        return self.runner.prefill(slot, token_ids, all_positions)
 
     def decode(self, slots: list[int], token_ids: list[int]) -> torch.Tensor:
         self.gate.wait()

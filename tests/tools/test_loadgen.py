@@ -29,7 +29,10 @@ def test_load_counts_every_token_of_every_client(tiny_model_dir: Path, tmp_path:
         result = asyncio.run(run_load(url, 3, max_new_tokens=6, requests_per_client=2))
         outside = time.perf_counter() - started  # timed here: the load's own clock runs inside it
         assert main(["--url", url, "--clients", "1,2", "--max-new-tokens", "3", "--requests-per-client", "1"]) == 0
+        # every chunk carries the log-probs asked for (a chunk without them fails its request)
+        scored = asyncio.run(run_load(url, 2, max_new_tokens=4, requests_per_client=1, logprobs=2))
     assert (result.clients, result.requests, result.failed) == (3, 6, 0)
+    assert (scored.requests, scored.failed, scored.generated_tokens) == (2, 0, 8)
     assert result.generated_tokens == 3 * 2 * 6  # ignore_eos: every request runs to max_new_tokens
     assert 0 < result.ttft_p50 <= result.ttft_p95
     assert 0 < result.tpot_p50 <= result.tpot_p95
@@ -51,7 +54,9 @@ def test_load_figures_from_known_samples(monkeypatch):
         ]
     )
 
-    async def fake_stream(client, prompt: str, max_new_tokens: int, headers: dict[str, str]) -> RequestSample:
+    async def fake_stream(
+        client, prompt: str, max_new_tokens: int, headers: dict[str, str], logprobs: int | None = None
+    ) -> RequestSample:
         return next(samples)
 
     readings = iter([100.0, 104.0])

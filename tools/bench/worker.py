@@ -121,7 +121,7 @@ def measure_decode(runner: Any, ids: list[int], steps: int) -> float:
     logits = runner.prefill(0, ids)
     started = time.perf_counter()
     for _ in range(steps):
-        token, _ = choose_token(logits, greedy, None, seen)
+        token = choose_token(logits, greedy, None, seen).token
         logits = runner.decode([0], [token])[0]
     elapsed = time.perf_counter() - started
     runner.release(0)
