@@ -43,8 +43,8 @@ class SlowSteps:
     def __init__(self, runner):
         self.runner = runner
 
-    def prefill(self, slot, token_ids):
-        return self.runner.prefill(slot, token_ids)
+    def prefill(self, slot, token_ids, all_positions=False):
+        return self.runner.prefill(slot, token_ids, all_positions=all_positions)
 
     def decode(self, slots, token_ids):
         time.sleep(step_seconds)
