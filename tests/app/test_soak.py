@@ -23,6 +23,7 @@ import psutil
 import pytest
 
 from tests.support.live_server import serve_process
+from tools.stress import WORDS  # the same common English words as the stress run
 
 pytestmark = pytest.mark.slow
 
@@ -35,28 +36,6 @@ LIMITS = {
     "QS_MAX_CONCURRENT_REQUESTS": "8",
     "QS_MAX_BATCH_SIZE": "4",
 }
-WORDS = [
-    "the",
-    "of",
-    "and",
-    "to",
-    "in",
-    "is",
-    "was",
-    "for",
-    "on",
-    "that",
-    "with",
-    "as",
-    "by",
-    "at",
-    "from",
-    "his",
-    "an",
-    "were",
-    "are",
-    "which",
-]
 
 
 @dataclass
