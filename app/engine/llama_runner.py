@@ -298,11 +298,10 @@ class LlamaRunner:
         rotations: torch.Tensor,
         attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
         projections: AbstractContextManager,
-        project: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
+        project: Callable[[nn.Module, torch.Tensor], torch.Tensor] = _call,
     ) -> torch.Tensor:
         """One decoder layer on tokens h [tokens, hidden]; `projections` wraps the calls of the projections,
         `project(module, x)` makes them (default: the module's own forward)."""
-        project = project or _call
         tokens = h.shape[0]
         x = F.rms_norm(h, (self.hidden_size,), layer.attn_norm.to(h.dtype), self.eps)
         with projections:

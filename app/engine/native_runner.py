@@ -161,7 +161,12 @@ class NativeRunner(LlamaRunner):
         super().__init__(model, device, max_slots, max_len, cache_dtype=torch.float32)
         config, base = model.config, model.model
         # the step's own RoPE tables: float32 whatever the model's dtype (prefill keeps the model's)
-        self.rope_float32 = self._rope_tables(base.rotary_emb, torch.float32)
+        prefill_cos, prefill_sin, _ = self._prefill_rope  # float32 already for fp32 (or a float32 prefill)
+        self.rope_float32 = (
+            (prefill_cos, prefill_sin)
+            if prefill_cos.dtype == torch.float32
+            else self._rope_tables(base.rotary_emb, torch.float32)
+        )
         cos, sin = self.rope_float32
         self.threads = threads or torch.get_num_threads()
         dims = [

@@ -125,7 +125,6 @@ def _choose_token(
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.sampling:
         logits = warp(logits, params)
-    if params.sampling:
         # An extreme penalty can push logits to +-inf, and inf - inf is NaN in the softmax.
         logits = logits.clamp(-torch.finfo(logits.dtype).max, torch.finfo(logits.dtype).max)
         token = int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).item())

@@ -30,10 +30,12 @@
 namespace qs {
 namespace {
 
-// Writes rows [n0, n1) of the de-quantized weight, float32 [n1 - n0, K], to `out`.
+// Writes rows [n0, n1) of the de-quantized weight, float32 [n1 - n0, K], to `out` (with the ISA
+// table the op looked up once: `dequant` and the strip kernel run on the same one).
 using DequantRows = std::function<void(int64_t n0, int64_t n1, float* out)>;
 
-at::Tensor lookup_linear(const char* op, const at::Tensor& x, int64_t N, int64_t K, const DequantRows& dequant,
+at::Tensor lookup_linear(const char* op, const KernelTable& table, const at::Tensor& x, int64_t N, int64_t K,
+                         const DequantRows& dequant,
                          const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
               op, " takes float32 or bfloat16 CPU activations, got ", x.scalar_type());
@@ -57,7 +59,6 @@ at::Tensor lookup_linear(const char* op, const at::Tensor& x, int64_t N, int64_t
   }
   at::Tensor y = at::empty({M, N}, at::kFloat);
   if (M > 0 && N > 0) {
-    const KernelTable& table = active_kernel_table();
     const float* xd = x2.data_ptr<float>();
     float* yd = y.data_ptr<float>();
     const float* bd = b.defined() ? b.data_ptr<float>() : nullptr;
@@ -119,7 +120,7 @@ at::Tensor fp8_linear(const at::Tensor& x, const at::Tensor& weight_fp8, const a
   const DequantRows dequant = [&](int64_t n0, int64_t n1, float* out) {
     for (int64_t n = n0; n < n1; ++n) table.fp8_row(codes + n * K, K, sd[n], e4m3, values.data(), out + (n - n0) * K);
   };
-  return lookup_linear("fp8_linear", x, N, K, dequant, bias);
+  return lookup_linear("fp8_linear", table, x, N, K, dequant, bias);
 }
 
 at::Tensor nf4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code,
@@ -143,7 +144,7 @@ at::Tensor nf4_linear(const at::Tensor& x, const at::Tensor& packed, const at::T
       table.nf4_row(pd + n * (K / 2), K, reinterpret_cast<const uint16_t*>(ad + n * blocks), block_size, levels,
                     out + (n - n0) * K);
   };
-  return lookup_linear("nf4_linear", x, N, K, dequant, bias);
+  return lookup_linear("nf4_linear", table, x, N, K, dequant, bias);
 }
 
 }  // namespace
