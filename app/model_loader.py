@@ -12,6 +12,7 @@ from torch import nn
 
 import quant
 from app.settings import Settings
+from quant.calibration import CalibrationContext
 from quant.checkpoints import load_float_model
 from quant.kernels import configure as configure_kernels
 
@@ -43,7 +44,8 @@ def load_model(settings: Settings) -> LoadedModel:
     config = quant.make_config(settings.precision, settings.quant_options(device.type))
     config.check_available()  # fail before spending time on loading
     model, tokenizer, model_id = load_float_model(settings.model, settings.cache_dir, device.type)
-    report = quant.quantize_(model, config)
+    calibration = CalibrationContext(tokenizer, model_id, settings.cache_dir)  # read by calibrated modes only
+    report = quant.quantize_(model, config, calibration=calibration)
     return LoadedModel(model, tokenizer, model_id, device, report, time.perf_counter() - started)
 
 

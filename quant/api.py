@@ -5,12 +5,14 @@ from __future__ import annotations
 import fnmatch
 import logging
 import math
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
+from quant.calibration import CalibrationContext, CalibrationInfo, calibrate
 from quant.config import QuantConfig
 from quant.kernels import REFERENCE
 from quant.layers.base import QuantizedLinear
@@ -52,6 +54,8 @@ class QuantReport:
     kernels: dict[str, int] = field(default_factory=dict)
     lm_head: str = "float"  # what the output head is: "float", a mode's name, or "int8-g32 (shared ...)"
     layer_errors: list[LayerError] = field(default_factory=list)
+    calibration: CalibrationInfo | None = None  # calibrated modes: source, tokens, seconds, cache hit
+    quantize_seconds: float = 0.0  # calibration (or reading its cache) plus replacing the layers
 
     @property
     def quantized_ratio(self) -> float | None:
@@ -172,6 +176,7 @@ def quantize_(
     filter_fn: ModuleFilter | None = None,
     *,
     measure_error: bool = True,
+    calibration: CalibrationContext | None = None,
 ) -> QuantReport:
     """Apply `config` to `model` in place and report what it did.
 
@@ -182,7 +187,11 @@ def quantize_(
     stores the head of such models) when the model runs on CPU, and the input embedding then
     reads the same table, so the model keeps one copy; "true" unties it and applies the mode;
     "false" (and "auto" off CPU) keeps it float.
+
+    A calibrated mode first prepares the float model from calibration text (`calibration` gives
+    the tokenizer and the cache), or from its cached result.
     """
+    started = time.perf_counter()
     config.check_available()
     compute_dtype = config.compute_dtype()
     report = QuantReport(
@@ -196,6 +205,8 @@ def quantize_(
         model.to(compute_dtype)
     else:
         model.to(compute_dtype)
+        if config.calibrated:
+            report.calibration = calibrate(model, config, calibration)
         _replace_linears(model, config, filter_fn, report, measure_error)
         if report.layers_fallback:
             log.warning(
@@ -206,6 +217,7 @@ def quantize_(
             )
     report.total_weight_bytes = module_bytes(model)
     report.float_bytes = report.total_weight_bytes - report.quantized_layers_bytes
+    report.quantize_seconds = time.perf_counter() - started
     log.info(
         "precision %s: %d quantized, %d skipped, %d fallback, %.1f MiB of weights",
         config.name,

@@ -49,6 +49,10 @@ class QuantOptions:
         choices=LM_HEAD_CHOICES,
     )
     skip_modules: tuple[str, ...] = knob((), "module name patterns (fnmatch) kept in float")
+    calibration_file: str = knob(
+        "", "calibrated modes: UTF-8 text to calibrate on; empty = Python's own pydoc_data.topics"
+    )
+    calibration_tokens: int = knob(32768, "calibrated modes: tokens of the calibration text used", positive=True)
     device: str = "cpu"  # where the model runs: resolved by the caller, not a knob
 
     def __post_init__(self) -> None:
@@ -196,3 +200,28 @@ class QuantConfig:
 
     def group_size_label(self) -> int | None:
         return getattr(self, "group_size", None)
+
+    # Calibrated modes (see `CalibratedConfig`) learn from activations before the linears are replaced.
+    calibrated: ClassVar[bool] = False
+
+    def calibrate(self, model: nn.Module, sequences: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Calibrated modes: prepare the float model in place from calibration token sequences [n, length].
+
+        Returns (state, details): `state` is everything `apply_calibration` needs to redo the same
+        preparation without data (it is what the cache stores); `details` is reported as is."""
+        raise NotImplementedError(f"{self.name} is not a calibrated mode")
+
+    def apply_calibration(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """Redo `calibrate`'s preparation from its returned state (a cache hit)."""
+        raise NotImplementedError(f"{self.name} is not a calibrated mode")
+
+
+@dataclass(frozen=True)
+class CalibratedConfig(QuantConfig):
+    """Base of the calibrated modes: they read the calibration knobs and override `calibrate`
+    and `apply_calibration`. `quantize_` runs them through `quant.calibration.calibrate`."""
+
+    calibrated: ClassVar[bool] = True
+
+    calibration_file: str = knob_default("calibration_file")
+    calibration_tokens: int = knob_default("calibration_tokens")

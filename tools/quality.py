@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from quant.api import quantize_
+from quant.calibration import CalibrationContext
 from quant.checkpoints import DEFAULT_CACHE_DIR, DEFAULT_MODEL, default_cache_dir, load_float_model
 from quant.config import ModeUnavailableError, QuantOptions
 from quant.registry import REFERENCE_MODE, list_modes, make_config
@@ -173,11 +174,11 @@ def evaluate(
     reference: torch.Tensor | None = None
     ids: torch.Tensor | None = None
     for config in configs:
-        float_model, tokenizer, _ = load_float_model(model, cache_dir, options.device)
+        float_model, tokenizer, model_id = load_float_model(model, cache_dir, options.device)
         if ids is None:
             ids = tokenize(tokenizer, load_text(text), max_tokens)
         started = time.perf_counter()
-        report = quantize_(float_model, config)
+        report = quantize_(float_model, config, calibration=CalibrationContext(tokenizer, model_id, cache_dir))
         quantized = time.perf_counter()
         on_window = Progress(config.name, progress) if progress else (lambda done, total: None)
         scores = score(float_model, ids, context, stride, on_window)
