@@ -1,0 +1,269 @@
+"""`QS_PRECISION=native` on a GGUF: its tensors served in their own types, never through float.
+
+llama.cpp's block formats map onto our storage without changing a number (blocks of 32 along
+the input dimension, fp16 parameters; ggml's documentation, `ggml-common.h`):
+
+| GGUF | block (bytes) | weight | ours |
+|---|---|---|---|
+| Q4_1 | d fp16, m fp16, 16 bytes of codes (20) | d·q + m, q in 0..15 | int4 g32: scales = d, mins = m |
+| Q4_0 | d fp16, 16 bytes of codes (18) | d·(q − 8) | int4 g32: scales = d, mins = −8·d (exact in fp16) |
+| Q8_0 | d fp16, 32 int8 codes (34) | d·q | int8 g32 (`Int8G32Linear`): weight_int8 = q, scales = d |
+
+A Q4 block holds weight j in the low nibble of byte j and weight j + 16 in its high nibble; our int4
+packs weights 2i and 2i + 1 in byte i, so the codes are re-packed (same codes, same d and m).
+Q and K rows come permuted for llama.cpp's RoPE; they are put back in the Hugging Face order as
+transformers does (rows are whole blocks, so this moves bytes only). F32/F16/BF16 tensors load as
+float; any other quantized type (Q6_K, ...) has no kernel here: it is de-quantized by the `gguf`
+package, logged and counted (`/info` `layers_fallback`). Tensor data is read with plain file reads,
+not through the reader's memory map, so the file's pages never count in the process's RSS.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from quant.api import QuantReport
+from quant.layers.int4 import Int4WeightOnlyLinear
+from quant.layers.int8_grouped import BLOCK, Int8G32Embedding, Int8G32Linear
+from quant.prequantized import NATIVE, PrequantizedError, assign_tensors, build_report, empty_skeleton, install_modules
+from quant.primitives import pack_int4
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_ARCHITECTURES = ("llama",)
+_LAYER_TENSORS = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_GLOBAL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_BLOCK_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+_FLOAT_TYPES = ("F32", "F16", "BF16")
+
+
+def hf_name(gguf_name: str) -> tuple[str, str] | None:
+    """(module, parameter) of the Hugging Face Llama for a GGUF tensor name; None when unknown."""
+    match = _BLOCK_NAME.fullmatch(gguf_name)
+    if match:
+        layer, part, kind = match.groups()
+        return (f"model.layers.{layer}.{_LAYER_TENSORS[part]}", kind) if part in _LAYER_TENSORS else None
+    base, _, kind = gguf_name.rpartition(".")
+    return (_GLOBAL_TENSORS[base], kind) if base in _GLOBAL_TENSORS and kind in ("weight", "bias") else None
+
+
+def _blocks(raw: np.ndarray, rows: int, block_bytes: int) -> np.ndarray:
+    """Raw bytes [rows, row_bytes] viewed as [rows, n_blocks, block_bytes]."""
+    return raw.reshape(rows, -1, block_bytes)
+
+
+def _fp16(blocks: np.ndarray, start: int) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(blocks[..., start : start + 2]).view(np.float16)[..., 0].copy())
+
+
+def _q4_codes(blocks: np.ndarray, start: int) -> torch.Tensor:
+    """Codes [rows, K] of Q4 blocks: weight j in the low nibble of byte j, weight j + 16 in its high nibble."""
+    qs = torch.from_numpy(np.ascontiguousarray(blocks[..., start : start + 16]))
+    codes = torch.cat((qs & 0x0F, qs >> 4), dim=-1)  # [rows, n_blocks, 32]
+    return codes.reshape(codes.shape[0], -1)
+
+
+def int4_from_q4_1(raw: np.ndarray, out_features: int, in_features: int) -> Int4WeightOnlyLinear:
+    """A Q4_1 tensor as int4 g32 storage: scales = d, mins = m, the codes re-packed."""
+    blocks = _blocks(raw, out_features, 20)
+    layer = Int4WeightOnlyLinear(in_features, out_features, bias=False, group_size=BLOCK)
+    layer.scales, layer.mins = _fp16(blocks, 0), _fp16(blocks, 2)
+    layer.packed = pack_int4(_q4_codes(blocks, 4)).contiguous()
+    return layer
+
+
+def int4_from_q4_0(raw: np.ndarray, out_features: int, in_features: int) -> Int4WeightOnlyLinear:
+    """A Q4_0 tensor as int4 g32 storage: d·(q − 8) = d·q + (−8·d); −8·d is exact in fp16 (a power-of-two scaling)."""
+    blocks = _blocks(raw, out_features, 18)
+    layer = Int4WeightOnlyLinear(in_features, out_features, bias=False, group_size=BLOCK)
+    scales = _fp16(blocks, 0)
+    mins = scales * -8
+    if not torch.isfinite(mins).all():
+        raise ValueError("a Q4_0 scale times 8 overflows float16")
+    layer.scales, layer.mins = scales, mins
+    layer.packed = pack_int4(_q4_codes(blocks, 2)).contiguous()
+    return layer
+
+
+def int8_g32_from_q8_0(raw: np.ndarray, out_features: int, in_features: int) -> Int8G32Linear:
+    """A Q8_0 tensor as int8 g32 storage: weight_int8 = q, scales = d."""
+    blocks = _blocks(raw, out_features, 34)
+    layer = Int8G32Linear(in_features, out_features, bias=False)
+    layer.scales = _fp16(blocks, 0)
+    codes = np.ascontiguousarray(blocks[..., 2:34]).view(np.int8)
+    layer.weight_int8 = torch.from_numpy(codes.reshape(out_features, in_features).copy())
+    return layer
+
+
+_CONVERTERS = {"Q4_1": int4_from_q4_1, "Q4_0": int4_from_q4_0, "Q8_0": int8_g32_from_q8_0}
+
+
+def _unpermute_rows(raw: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row permutation (transformers' `_reverse_permute_weights`), on whole rows."""
+    dim = raw.shape[0] // n_head // 2
+    return raw.reshape(n_head, dim, 2, *raw.shape[1:]).swapaxes(2, 1).reshape(raw.shape)
+
+
+def _read_bytes(path: Path, offset: int, n_bytes: int) -> np.ndarray:
+    with path.open("rb") as f:
+        f.seek(offset)
+        data = f.read(n_bytes)
+    if len(data) != n_bytes:
+        raise EOFError(f"{n_bytes} bytes expected at offset {offset}, {len(data)} found")
+    return np.frombuffer(data, dtype=np.uint8)
+
+
+def _open(path: Path):
+    from gguf import GGUFReader
+
+    try:
+        return GGUFReader(path)
+    except Exception as error:  # the reader raises ValueError, KeyError, struct errors... on a bad file
+        raise PrequantizedError(f"{path}: not a readable GGUF file ({type(error).__name__}: {error})") from None
+
+
+def _field(reader: Any, key: str) -> Any:
+    field = reader.fields.get(key)
+    return None if field is None else field.contents()
+
+
+def _metadata_dir(path: Path, cache_dir: Path) -> Path:
+    """config.json and the tokenizer, made from the GGUF's metadata by transformers once and cached."""
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_dir / "native" / f"{path.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    log.info("reading %s's config and tokenizer (first start only)", path.name)
+    target.mkdir(parents=True, exist_ok=True)
+    AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(target)
+    try:
+        GenerationConfig.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(target)
+    except (OSError, ValueError):
+        pass  # no generation settings in the file
+    AutoConfig.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(target)  # last: marks it complete
+    return target
+
+
+def load_gguf_native(path: Path, cache_dir: Path) -> tuple[nn.Module, Any, str, QuantReport]:
+    """(model, tokenizer, model id, report) with the GGUF's tensors in our storage formats."""
+    from gguf import GGMLQuantizationType
+    from transformers import AutoConfig, AutoTokenizer
+
+    reader = _open(path)
+    architecture = _field(reader, "general.architecture")
+    if architecture not in SUPPORTED_ARCHITECTURES:
+        raise PrequantizedError(
+            f"{path}: architecture {architecture!r} is not served natively ({', '.join(SUPPORTED_ARCHITECTURES)})"
+        )
+    metadata = _metadata_dir(path, cache_dir)
+    config = AutoConfig.from_pretrained(metadata)
+    names = [t.name for t in reader.tensors]
+    has_output = "output.weight" in names
+    config.tie_word_embeddings = False  # the head is its own module below (or the embedding reads the head's table)
+    model = empty_skeleton(config)
+    heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
+    modules: dict[str, nn.Module] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    dequantized: list[str] = []
+    for info in reader.tensors:
+        mapped = hf_name(info.name)
+        if mapped is None:
+            raise PrequantizedError(f"{path}: tensor {info.name} has no place in a {architecture} model")
+        module_name, kind = mapped
+        try:
+            type_name = GGMLQuantizationType(int(info.tensor_type)).name
+        except ValueError:
+            raise PrequantizedError(f"{path}: tensor {info.name} has unknown type {int(info.tensor_type)}") from None
+        shape = [int(d) for d in reversed(info.shape.tolist())]  # GGUF lists the fastest dimension first
+        try:
+            target = model.get_submodule(module_name)
+        except AttributeError:
+            raise PrequantizedError(f"{path}: tensor {info.name} ({module_name}) is not in the model the config describes") from None
+        expected = list(getattr(target, kind).shape)
+        if shape != expected:
+            raise PrequantizedError(f"{path}: tensor {info.name} has shape {shape}, the config implies {expected}")
+        try:
+            raw = _read_bytes(path, int(info.data_offset), int(info.n_bytes))
+        except (OSError, EOFError) as error:
+            raise PrequantizedError(f"{path}: tensor {info.name} cannot be read (truncated file? {error})") from None
+        rows = shape[0]
+        raw = raw.reshape(rows, -1) if len(shape) == 2 else raw
+        part = info.name.split(".")[-2] if info.name.startswith("blk.") else ""
+        if part in heads:
+            raw = _unpermute_rows(raw, heads[part])
+        is_matrix = kind == "weight" and len(shape) == 2
+        if is_matrix and type_name in _CONVERTERS and shape[1] % BLOCK == 0:
+            layer = _CONVERTERS[type_name](raw, *shape)
+            if module_name == "model.embed_tokens":
+                if not isinstance(layer, Int8G32Linear):
+                    layer = None  # a 4-bit table has no embedding lookup here: de-quantized below
+                else:
+                    modules["model.embed_tokens"] = layer  # a lookup table; tied to the head below
+                    if not has_output:
+                        modules["lm_head"] = layer
+                    continue
+            if layer is not None:
+                modules[module_name] = layer
+                continue
+        if type_name in _FLOAT_TYPES:
+            tensors[f"{module_name}.{kind}"] = _float_tensor(raw, type_name, shape)
+            continue
+        tensors[f"{module_name}.{kind}"] = _dequantized(path, info.name, raw, type_name, shape)
+        dequantized.append(f"{info.name} ({type_name})")
+    if not has_output and "model.embed_tokens.weight" in tensors:  # a tied float head reads the float table
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
+    embedding_table = modules.pop("model.embed_tokens", None)
+    install_modules(model, modules)
+    if isinstance(embedding_table, Int8G32Linear):
+        install_modules(model, {"model.embed_tokens": Int8G32Embedding(embedding_table)})
+    stored = {}
+    for name, module in modules.items():
+        stored.update({f"{name}.{key}": value for key, value in module.state_dict().items()})
+    if isinstance(embedding_table, Int8G32Linear):
+        stored["model.embed_tokens.weight_int8"] = embedding_table.weight_int8
+        stored["model.embed_tokens.scales"] = embedding_table.scales
+    del reader
+    assign_tensors(model, {**stored, **tensors}, path)
+    tokenizer = AutoTokenizer.from_pretrained(metadata)
+    report = build_report(model, NATIVE, dequantized=dequantized)
+    return model, tokenizer, f"{path.name} (native)", report
+
+
+def _float_tensor(raw: np.ndarray, type_name: str, shape: list[int]) -> torch.Tensor:
+    dtype = {"F32": np.float32, "F16": np.float16, "BF16": None}[type_name]
+    if dtype is None:  # numpy has no bfloat16: widen the 16 bits
+        bits = torch.from_numpy(np.ascontiguousarray(raw).view(np.int16).copy())
+        return bits.view(torch.bfloat16).float().reshape(shape)
+    return torch.from_numpy(np.ascontiguousarray(raw).view(dtype).astype(np.float32)).reshape(shape)
+
+
+def _dequantized(path: Path, name: str, raw: np.ndarray, type_name: str, shape: list[int]) -> torch.Tensor:
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    try:
+        values = dequantize(np.ascontiguousarray(raw), GGMLQuantizationType[type_name])
+    except (NotImplementedError, ValueError, KeyError) as error:
+        raise PrequantizedError(f"{path}: tensor {name} of type {type_name} cannot be read ({error})") from None
+    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(shape)
