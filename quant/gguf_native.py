@@ -20,6 +20,7 @@ not through the reader's memory map, so the file's pages never count in the proc
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import re
@@ -76,7 +77,7 @@ def _fp16(blocks: np.ndarray, start: int) -> torch.Tensor:
 
 def _q4_codes(blocks: np.ndarray, start: int) -> torch.Tensor:
     """Codes [rows, K] of Q4 blocks: weight j in the low nibble of byte j, weight j + 16 in its high nibble."""
-    qs = torch.from_numpy(np.ascontiguousarray(blocks[..., start : start + 16]))
+    qs = torch.from_numpy(np.array(blocks[..., start : start + 16]))  # a copy: the file's bytes are read-only
     codes = torch.cat((qs & 0x0F, qs >> 4), dim=-1)  # [rows, n_blocks, 32]
     return codes.reshape(codes.shape[0], -1)
 
@@ -137,7 +138,9 @@ def _open(path: Path):
     try:
         return GGUFReader(path)
     except Exception as error:  # the reader raises ValueError, KeyError, struct errors... on a bad file
-        raise PrequantizedError(f"{path}: not a readable GGUF file ({type(error).__name__}: {error})") from None
+        raise PrequantizedError(
+            f"{path}: not a readable GGUF file, truncated or corrupt ({type(error).__name__}: {error})"
+        ) from None
 
 
 def _field(reader: Any, key: str) -> Any:
@@ -145,11 +148,16 @@ def _field(reader: Any, key: str) -> Any:
     return None if field is None else field.contents()
 
 
-def _metadata_dir(path: Path, cache_dir: Path) -> Path:
-    """config.json and the tokenizer, made from the GGUF's metadata by transformers once and cached."""
+def metadata_cache_dir(path: Path, cache_dir: Path) -> Path:
+    """Where the GGUF's config.json and tokenizer are cached (keyed by the file's path, size and time)."""
     stat = path.stat()
     key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    target = cache_dir / "native" / f"{path.stem}-{key}"
+    return cache_dir / "native" / f"{path.stem}-{key}"
+
+
+def _metadata_dir(path: Path, cache_dir: Path) -> Path:
+    """config.json and the tokenizer, made from the GGUF's metadata by transformers once and cached."""
+    target = metadata_cache_dir(path, cache_dir)
     if (target / "config.json").is_file():
         return target
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
@@ -157,10 +165,8 @@ def _metadata_dir(path: Path, cache_dir: Path) -> Path:
     log.info("reading %s's config and tokenizer (first start only)", path.name)
     target.mkdir(parents=True, exist_ok=True)
     AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(target)
-    try:
+    with contextlib.suppress(OSError, ValueError):  # a file without generation settings has none to cache
         GenerationConfig.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(target)
-    except (OSError, ValueError):
-        pass  # no generation settings in the file
     AutoConfig.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(target)  # last: marks it complete
     return target
 
@@ -199,7 +205,9 @@ def load_gguf_native(path: Path, cache_dir: Path) -> tuple[nn.Module, Any, str, 
         try:
             target = model.get_submodule(module_name)
         except AttributeError:
-            raise PrequantizedError(f"{path}: tensor {info.name} ({module_name}) is not in the model the config describes") from None
+            raise PrequantizedError(
+                f"{path}: tensor {info.name} ({module_name}) is not in the model the config describes"
+            ) from None
         expected = list(getattr(target, kind).shape)
         if shape != expected:
             raise PrequantizedError(f"{path}: tensor {info.name} has shape {shape}, the config implies {expected}")

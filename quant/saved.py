@@ -160,9 +160,11 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     except (OSError, ValueError) as error:
         raise PrequantizedError(f"{path}: cannot be read as JSON ({error})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise PrequantizedError(f"{path}: not a {FORMAT} manifest (no \"format\": \"{FORMAT}\")")
+        raise PrequantizedError(f'{path}: not a {FORMAT} manifest (no "format": "{FORMAT}")')
     if manifest.get("version") != FORMAT_VERSION:
-        raise PrequantizedError(f"{path}: format version {manifest.get('version')!r}, this build reads {FORMAT_VERSION}")
+        raise PrequantizedError(
+            f"{path}: format version {manifest.get('version')!r}, this build reads {FORMAT_VERSION}"
+        )
     for key in ("mode", "compute_dtype", "weights", "modules", "aliases"):
         if key not in manifest:
             raise PrequantizedError(f"{path}: the manifest has no {key!r}")
@@ -176,7 +178,9 @@ def _build_layer(name: str, spec: dict[str, Any], skeleton: nn.Module, manifest_
     try:
         target = skeleton.get_submodule(name)
     except AttributeError:
-        raise PrequantizedError(f"{manifest_path}: module {name} is not part of the model config.json describes") from None
+        raise PrequantizedError(
+            f"{manifest_path}: module {name} is not part of the model config.json describes"
+        ) from None
     shape = (getattr(target, "in_features", None), getattr(target, "out_features", None))
     if shape != (spec["in_features"], spec["out_features"]):
         raise PrequantizedError(
@@ -223,7 +227,9 @@ def load_saved(directory: Path) -> tuple[nn.Module, Any, str, QuantReport]:
         if spec.get("class") == EMBEDDING_CLASS:
             head = layers.get(spec.get("head", ""))
             if not isinstance(head, Int8G32Linear):
-                raise PrequantizedError(f"{manifest_path}: embedding {name} reads {spec.get('head')!r}, no int8 g32 head")
+                raise PrequantizedError(
+                    f"{manifest_path}: embedding {name} reads {spec.get('head')!r}, no int8 g32 head"
+                )
             install_modules(model, {name: Int8G32Embedding(head)})
     weights_path = directory / manifest["weights"]["file"]
     tensors = read_weights(weights_path, manifest["weights"].get("sha256"))
