@@ -75,6 +75,9 @@ def find_source(model: str, precision: str | None) -> PrequantizedSource | None:
         return PrequantizedSource("saved", path, read_manifest(path)["mode"])
     method = _hf_quantization_method(path)
     if method is not None:
+        from quant.hf_gptq import check_quantization_config
+
+        check_quantization_config(path)  # one we cannot serve stops the start here
         return PrequantizedSource(method, path, NATIVE)
     return None
 

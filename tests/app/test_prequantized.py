@@ -97,3 +97,26 @@ def test_a_bad_checkpoint_fails_the_start_and_serves_nothing(make_client, saved_
     detail = health.json()["detail"]
     assert str(bad / SAVED_MANIFEST) in detail and "model.layers.1.mlp.up_proj" in detail and "\n" not in detail
     assert generated.status_code == 503
+
+
+def test_a_gptq_checkpoint_is_served_natively(make_client, tiny_model_dir: Path, tmp_path: Path) -> None:
+    from tests.support.gptq_files import write_checkpoint
+
+    checkpoint = write_checkpoint(tiny_model_dir, tmp_path / "gptq", "gptq", sym=True)
+    assert load_settings(model=str(checkpoint)).precision == "native"
+    with pytest.raises(SettingsError, match="QS_PRECISION=int4 cannot be applied"):
+        load_settings(model=str(checkpoint), precision="int4")
+    with make_client(model=str(checkpoint), precision="native") as client:
+        info = client.get("/info").json()
+        assert client.post("/generate", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 4}}).status_code == 200
+    assert info["quantization"]["mode"] == "native (gptq)" and info["quantization"]["layers_quantized"] == 14
+
+
+def test_a_quantization_config_we_cannot_serve_stops_the_settings(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from tests.support.gptq_files import write_checkpoint
+
+    checkpoint = write_checkpoint(
+        tiny_model_dir, tmp_path / "gptq", "gptq", config_edit=lambda c: c["quantization_config"].update(bits=3)
+    )
+    with pytest.raises(SettingsError, match="quantization_config cannot be served: bits 3"):
+        load_settings(model=str(checkpoint))
