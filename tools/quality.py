@@ -31,6 +31,7 @@ from torch import nn
 from quant.api import quantize_
 from quant.checkpoints import DEFAULT_CACHE_DIR, DEFAULT_MODEL, default_cache_dir, load_float_model
 from quant.config import ModeUnavailableError, QuantOptions
+from quant.kernels import configure as configure_kernels
 from quant.prequantized import NATIVE, find_source, load_source
 from quant.registry import REFERENCE_MODE, list_modes, make_config
 
@@ -254,6 +255,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--stride", type=int, default=768, help="tokens between window starts (new tokens scored)")
     QuantOptions.add_arguments(parser)  # --group-size, --fp8-format, ...: the knobs, declared in quant.config
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--kernels",
+        choices=("auto", "reference"),
+        default="auto",
+        help="as QS_KERNELS (reference: de-quantize, float GEMM)",
+    )
     parser.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="default: QS_CACHE_DIR")
     parser.add_argument("--json", type=Path, help="also write the results here")
     return parser.parse_args(argv)
@@ -271,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(error, file=sys.stderr)
         return 2
+    configure_kernels(kernels=args.kernels)
     results = []
     try:
         for result in evaluate(

@@ -13,9 +13,10 @@ import torch
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFReader
 from gguf.quants import dequantize, quantize
+from safetensors.torch import load_file
 
 import quant.kernels as qk
-from quant.checkpoints import load_float_model
+from quant.checkpoints import convert_gguf, embedded_gguf, load_float_model
 from quant.gguf_native import (
     _unpermute_rows,
     hf_name,
@@ -28,8 +29,10 @@ from quant.gguf_native import (
 from quant.layers.int4 import Int4WeightOnlyLinear
 from quant.layers.int8_grouped import Int8G32Embedding, Int8G32Linear
 from quant.prequantized import PrequantizedError
+from quant.saved import load_saved
 from tests.support.gguf_files import permute, reference_weights, write_tiny_gguf
 
+TINY_PROMPT = torch.tensor([[1, 5, 9, 20, 33, 7, 100, 2]])
 CONVERTERS = {T.Q4_0: int4_from_q4_0, T.Q4_1: int4_from_q4_1, T.Q8_0: int8_g32_from_q8_0}
 
 
@@ -103,9 +106,8 @@ def test_tiny_gguf_serves_its_own_numbers(tiny_model_dir: Path, tiny_gguf: Path,
     qk.configure(kernels="reference")
     try:
         model, *_ = load_gguf_native(tiny_gguf, tmp_path / "cache")
-        ids = torch.tensor([[1, 5, 9, 20, 33, 7, 100, 2]])
         with torch.inference_mode():
-            served, expected = model(ids).logits, float_model(ids).logits
+            served, expected = model(TINY_PROMPT).logits, float_model(TINY_PROMPT).logits
     finally:
         qk.configure()
     torch.testing.assert_close(served, expected, rtol=0, atol=1e-5)  # fp32 round-off only
@@ -214,3 +216,50 @@ def test_other_architectures_are_refused(tmp_path: Path) -> None:
     writer.write_tensors_to_file()
     writer.close()
     _fails(path, tmp_path, "'mamba'")
+
+
+def test_native_saves_and_loads_as_our_format(tiny_gguf: Path, tmp_path: Path) -> None:
+    from tools.save import main as save_main
+
+    out = tmp_path / "saved-native"
+    args = ["--model", str(tiny_gguf), "--precision", "native", "--cache-dir", str(tmp_path / "cache")]
+    assert save_main([*args, "--out", str(out)]) == 0
+    native, *_ = load_gguf_native(tiny_gguf, tmp_path / "cache")
+    saved, _, _, report = load_saved(out)
+    with torch.inference_mode():
+        assert torch.equal(saved(TINY_PROMPT).logits, native(TINY_PROMPT).logits)
+    assert report.mode == "native" and report.layers_quantized == 14
+
+
+@pytest.mark.real_model
+def test_the_shipped_gguf_is_served_with_its_own_numbers(cache_dir: Path) -> None:
+    """Every weight of the native model equals the float checkpoint transformers de-quantized from the same GGUF."""
+    model, _, _, report = load_gguf_native(embedded_gguf(), cache_dir)
+    converted = load_file(convert_gguf(embedded_gguf(), cache_dir) / "model.safetensors")
+    checked = 0
+    for name, module in model.named_modules():
+        if isinstance(module, (Int4WeightOnlyLinear, Int8G32Linear)):
+            source = "model.embed_tokens.weight" if name == "lm_head" else f"{name}.weight"
+            assert torch.equal(module.dequantize_weight(), converted[source]), name
+            checked += 1
+    for name, parameter in model.named_parameters():
+        assert torch.equal(parameter, converted[name]), name
+        checked += 1
+    assert checked == 30 * 7 + 1 + 30 * 2 + 1  # linears, head (= embedding table), norms, final norm
+    assert report.layers_fallback == 0 and report.kernels.get(qk.REFERENCE, 0) == 0
+    fp32_bytes = sum(t.numel() * 4 for t in converted.values())
+    assert report.total_weight_bytes / fp32_bytes < 0.2  # about a fifth of fp32's weight bytes
+
+
+@pytest.mark.slow
+@pytest.mark.real_model
+def test_native_on_the_reference_kernels_has_fp32_perplexity(cache_dir: Path) -> None:
+    from tools import quality
+
+    qk.configure(kernels="reference")
+    try:
+        fp32, native = quality.evaluate(["native"], max_tokens=1024, cache_dir=cache_dir, progress=None)
+    finally:
+        qk.configure()
+    assert native.perplexity == pytest.approx(fp32.perplexity, rel=1e-5)  # the same numbers in the weights
+    assert native.agreement > 0.999
