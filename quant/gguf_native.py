@@ -34,7 +34,15 @@ from torch import nn
 from quant.api import QuantReport
 from quant.layers.int4 import Int4WeightOnlyLinear
 from quant.layers.int8_grouped import BLOCK, Int8G32Embedding, Int8G32Linear
-from quant.prequantized import NATIVE, PrequantizedError, assign_tensors, build_report, empty_skeleton, install_modules
+from quant.prequantized import (
+    NATIVE,
+    PrequantizedError,
+    assign_tensors,
+    build_report,
+    empty_skeleton,
+    install_modules,
+    storage_on_meta,
+)
 from quant.primitives import pack_int4
 
 log = logging.getLogger(__name__)
@@ -85,32 +93,38 @@ def _q4_codes(blocks: np.ndarray, start: int) -> torch.Tensor:
 def int4_from_q4_1(raw: np.ndarray, out_features: int, in_features: int) -> Int4WeightOnlyLinear:
     """A Q4_1 tensor as int4 g32 storage: scales = d, mins = m, the codes re-packed."""
     blocks = _blocks(raw, out_features, 20)
-    layer = Int4WeightOnlyLinear(in_features, out_features, bias=False, group_size=BLOCK)
+    with storage_on_meta():
+        layer = Int4WeightOnlyLinear(in_features, out_features, bias=False, group_size=BLOCK)
     layer.scales, layer.mins = _fp16(blocks, 0), _fp16(blocks, 2)
     layer.packed = pack_int4(_q4_codes(blocks, 4)).contiguous()
+    layer.select_kernel()  # for the storage it now holds
     return layer
 
 
 def int4_from_q4_0(raw: np.ndarray, out_features: int, in_features: int) -> Int4WeightOnlyLinear:
     """A Q4_0 tensor as int4 g32 storage: d·(q − 8) = d·q + (−8·d); −8·d is exact in fp16 (a power-of-two scaling)."""
     blocks = _blocks(raw, out_features, 18)
-    layer = Int4WeightOnlyLinear(in_features, out_features, bias=False, group_size=BLOCK)
+    with storage_on_meta():
+        layer = Int4WeightOnlyLinear(in_features, out_features, bias=False, group_size=BLOCK)
     scales = _fp16(blocks, 0)
     mins = scales * -8
     if not torch.isfinite(mins).all():
         raise ValueError("a Q4_0 scale times 8 overflows float16")
     layer.scales, layer.mins = scales, mins
     layer.packed = pack_int4(_q4_codes(blocks, 2)).contiguous()
+    layer.select_kernel()
     return layer
 
 
 def int8_g32_from_q8_0(raw: np.ndarray, out_features: int, in_features: int) -> Int8G32Linear:
     """A Q8_0 tensor as int8 g32 storage: weight_int8 = q, scales = d."""
     blocks = _blocks(raw, out_features, 34)
-    layer = Int8G32Linear(in_features, out_features, bias=False)
+    with storage_on_meta():
+        layer = Int8G32Linear(in_features, out_features, bias=False)
     layer.scales = _fp16(blocks, 0)
     codes = np.ascontiguousarray(blocks[..., 2:34]).view(np.int8)
     layer.weight_int8 = torch.from_numpy(codes.reshape(out_features, in_features).copy())
+    layer.select_kernel()
     return layer
 
 

@@ -31,7 +31,15 @@ from torch import nn
 
 from quant.api import QuantReport
 from quant.layers.int4 import Int4WeightOnlyLinear
-from quant.prequantized import NATIVE, PrequantizedError, assign_tensors, build_report, empty_skeleton, install_modules
+from quant.prequantized import (
+    NATIVE,
+    PrequantizedError,
+    assign_tensors,
+    build_report,
+    empty_skeleton,
+    install_modules,
+    storage_on_meta,
+)
 from quant.primitives import pack_int4
 
 log = logging.getLogger(__name__)
@@ -160,7 +168,8 @@ def _quantized_linear(
         if bias is not None:
             state["bias"] = bias.float()
         return dense, state, "dequantized"
-    layer = Int4WeightOnlyLinear(n_in, n_out, bias=bias is not None, group_size=group)
+    with storage_on_meta():
+        layer = Int4WeightOnlyLinear(n_in, n_out, bias=bias is not None, group_size=group)
     step = scales.float().t().contiguous()  # [out, groups]
     mins = -zeros.float().t() * step  # exact in float32: a 5-bit integer times a float16 or float32 scale
     exact_fp16 = scales.dtype == torch.float16 and torch.equal(mins.half().float(), mins)
@@ -170,7 +179,7 @@ def _quantized_linear(
     if bias is not None:
         state["bias"] = bias.float()
     if not exact_fp16:  # the layer's buffers take the dtypes stored (float32 keeps the exact values)
-        layer.scales, layer.mins = state["scales"], state["mins"]
+        layer.scales, layer.mins = state["scales"].to("meta"), state["mins"].to("meta")
     return layer, state, "kernels" if exact_fp16 else "reference"
 
 

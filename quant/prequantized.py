@@ -11,8 +11,10 @@ message is one line naming the file and the tensor; no partial model is returned
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,6 +123,20 @@ def empty_skeleton(config: Any) -> nn.Module:
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     return model.eval()
+
+
+@contextlib.contextmanager
+def storage_on_meta() -> Iterator[None]:
+    """Layers built here allocate no storage: their buffers are assigned from the checkpoint next (and
+    `assign_tensors` chooses their kernels then); the reference kernel they pick for meta tensors goes unlogged."""
+    kernels_log = logging.getLogger("quant.kernels")
+    level = kernels_log.level
+    kernels_log.setLevel(logging.ERROR)
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        kernels_log.setLevel(level)
 
 
 def install_modules(model: nn.Module, modules: dict[str, nn.Module]) -> None:

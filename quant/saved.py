@@ -38,6 +38,7 @@ from quant.prequantized import (
     build_report,
     empty_skeleton,
     install_modules,
+    storage_on_meta,
 )
 
 FORMAT = "quantserve"
@@ -188,7 +189,8 @@ def _build_layer(name: str, spec: dict[str, Any], skeleton: nn.Module, manifest_
             f"config.json implies {shape[0]}->{shape[1]}"
         )
     try:
-        return cls(spec["in_features"], spec["out_features"], spec["bias"], **spec["arguments"])
+        with storage_on_meta():
+            return cls(spec["in_features"], spec["out_features"], spec["bias"], **spec["arguments"])
     except (TypeError, ValueError) as error:
         raise PrequantizedError(f"{manifest_path}: module {name}: {error}") from None
 
