@@ -99,17 +99,26 @@ def test_a_bad_checkpoint_fails_the_start_and_serves_nothing(make_client, saved_
     assert generated.status_code == 503
 
 
-def test_a_gptq_checkpoint_is_served_natively(make_client, tiny_model_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [("gptq", {"sym": True}), ("awq", {}), ("gptq", {"act_order_in": ("mlp.up_proj",)})],
+    ids=["gptq-sym", "awq", "gptq-act-order"],
+)
+def test_a_gptq_or_awq_checkpoint_is_served_natively(
+    make_client, tiny_model_dir: Path, tmp_path: Path, method, options
+):
     from tests.support.gptq_files import write_checkpoint
 
-    checkpoint = write_checkpoint(tiny_model_dir, tmp_path / "gptq", "gptq", sym=True)
+    checkpoint = write_checkpoint(tiny_model_dir, tmp_path / method, method, **options)
     assert load_settings(model=str(checkpoint)).precision == "native"
     with pytest.raises(SettingsError, match="QS_PRECISION=int4 cannot be applied"):
         load_settings(model=str(checkpoint), precision="int4")
     with make_client(model=str(checkpoint), precision="native") as client:
         info = client.get("/info").json()
-        assert client.post("/generate", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 4}}).status_code == 200
-    assert info["quantization"]["mode"] == "native (gptq)" and info["quantization"]["layers_quantized"] == 14
+        generated = client.post("/generate", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 4}})
+    assert generated.status_code == 200 and generated.json()["generated_text"]
+    assert info["quantization"]["mode"] == f"native ({method})"
+    assert info["quantization"]["layers_quantized"] + info["quantization"]["layers_fallback"] == 14
 
 
 def test_a_quantization_config_we_cannot_serve_stops_the_settings(tiny_model_dir: Path, tmp_path: Path) -> None:
