@@ -15,7 +15,7 @@ Q and K rows come permuted for llama.cpp's RoPE; they are put back in the Huggin
 transformers does (rows are whole blocks, so this moves bytes only). F32/F16/BF16 tensors load as
 float; any other quantized type (Q6_K, ...) has no kernel here: it is de-quantized by the `gguf`
 package, logged and counted (`/info` `layers_fallback`). Tensor data is read with plain file reads,
-not through the reader's memory map, so the file's pages never count in the process's RSS.
+after the header is parsed (`read_index`), so the file's pages never count in the process's RSS.
 """
 
 from __future__ import annotations
@@ -23,7 +23,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
+import mmap
 import re
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -146,20 +150,106 @@ def _read_bytes(path: Path, offset: int, n_bytes: int) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8)
 
 
-def _open(path: Path):
-    from gguf import GGUFReader
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of a GGUF file, as its header describes it."""
+
+    name: str
+    dims: tuple[int, ...]  # GGUF order: the fastest-varying (input) dimension first
+    type_id: int
+    data_offset: int  # from the start of the file
+    n_bytes: int | None  # None when the type is unknown
+
+
+@dataclass(frozen=True)
+class GGUFIndex:
+    metadata: dict[str, Any]  # the scalar and string fields; arrays (the tokenizer's) are skipped
+    tensors: list[TensorInfo]
+
+
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+_MAGIC = b"GGUF"
+
+
+class _Header:
+    """Little-endian reads from the file's bytes (a memory map: only the header's pages are touched)."""
+
+    def __init__(self, data: Any) -> None:
+        self.data, self.at = data, 0
+
+    def scalar(self, fmt: str) -> Any:
+        (value,) = struct.unpack_from(fmt, self.data, self.at)
+        self.at += struct.calcsize(fmt)
+        return value
+
+    def string(self) -> str:
+        length = self.scalar("<Q")
+        if self.at + length > len(self.data):
+            raise ValueError("a string runs past the end of the file")
+        text = bytes(self.data[self.at : self.at + length]).decode("utf-8", errors="replace")
+        self.at += length
+        return text
+
+    def value(self, type_id: int) -> Any:
+        if type_id == _STRING:
+            return self.string()
+        if type_id == _ARRAY:
+            item_type, count = self.scalar("<I"), self.scalar("<Q")
+            if item_type in _SCALARS:  # skipped in one step
+                self.at += count * struct.calcsize(_SCALARS[item_type])
+            elif item_type == _STRING:  # skipped without decoding (the vocabulary)
+                for _ in range(count):
+                    length = self.scalar("<Q")  # read before advancing: `at += scalar()` would lose its 8 bytes
+                    self.at += length
+            else:
+                for _ in range(count):
+                    self.value(item_type)
+            return None
+        if type_id not in _SCALARS:
+            raise ValueError(f"unknown metadata value type {type_id}")
+        return self.scalar(_SCALARS[type_id])
+
+
+def read_index(path: Path) -> GGUFIndex:
+    """The GGUF's metadata and tensor table (the format of ggml's `docs/gguf.md`), without reading tensor data.
+
+    The `gguf` package's reader parses every tokenizer string into its own arrays (about 30 s and 300 MiB
+    for the default model's 49,152-entry vocabulary); serving needs only the scalars and the tensor table.
+    """
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     try:
-        return GGUFReader(path)
-    except Exception as error:  # the reader raises ValueError, KeyError, struct errors... on a bad file
-        raise PrequantizedError(
-            f"{path}: not a readable GGUF file, truncated or corrupt ({type(error).__name__}: {error})"
-        ) from None
-
-
-def _field(reader: Any, key: str) -> Any:
-    field = reader.fields.get(key)
-    return None if field is None else field.contents()
+        with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            header = _Header(data)
+            if bytes(data[:4]) != _MAGIC:
+                raise ValueError("no GGUF magic number")
+            header.at = 4
+            version, n_tensors, n_fields = header.scalar("<I"), header.scalar("<Q"), header.scalar("<Q")
+            if version not in (2, 3):
+                raise ValueError(f"GGUF version {version} (read: 2, 3)")
+            metadata = {}
+            for _ in range(n_fields):
+                key = header.string()
+                metadata[key] = header.value(header.scalar("<I"))
+            infos = []
+            for _ in range(n_tensors):
+                name = header.string()
+                dims = tuple(header.scalar("<Q") for _ in range(header.scalar("<I")))
+                infos.append((name, dims, header.scalar("<I"), header.scalar("<Q")))
+            alignment = int(metadata.get("general.alignment") or 32)
+            data_start = -(-header.at // alignment) * alignment
+    except (OSError, ValueError, struct.error) as error:
+        raise PrequantizedError(f"{path}: not a readable GGUF file, truncated or corrupt ({error})") from None
+    tensors = []
+    for name, dims, type_id, offset in infos:
+        try:
+            block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(type_id)]
+            n_bytes = math.prod(dims) // block * block_bytes
+        except (ValueError, KeyError):
+            n_bytes = None
+        tensors.append(TensorInfo(name, dims, type_id, data_start + offset, n_bytes))
+    return GGUFIndex(metadata, tensors)
 
 
 def metadata_cache_dir(path: Path, cache_dir: Path) -> Path:
@@ -190,15 +280,15 @@ def load_gguf_native(path: Path, cache_dir: Path) -> tuple[nn.Module, Any, str, 
     from gguf import GGMLQuantizationType
     from transformers import AutoConfig, AutoTokenizer
 
-    reader = _open(path)
-    architecture = _field(reader, "general.architecture")
+    index = read_index(path)
+    architecture = index.metadata.get("general.architecture")
     if architecture not in SUPPORTED_ARCHITECTURES:
         raise PrequantizedError(
             f"{path}: architecture {architecture!r} is not served natively ({', '.join(SUPPORTED_ARCHITECTURES)})"
         )
     metadata = _metadata_dir(path, cache_dir)
     config = AutoConfig.from_pretrained(metadata)
-    names = [t.name for t in reader.tensors]
+    names = [t.name for t in index.tensors]
     has_output = "output.weight" in names
     config.tie_word_embeddings = False  # the head is its own module below (or the embedding reads the head's table)
     model = empty_skeleton(config)
@@ -206,16 +296,16 @@ def load_gguf_native(path: Path, cache_dir: Path) -> tuple[nn.Module, Any, str, 
     modules: dict[str, nn.Module] = {}
     tensors: dict[str, torch.Tensor] = {}
     dequantized: list[str] = []
-    for info in reader.tensors:
+    file_size = path.stat().st_size
+    for info in index.tensors:
         mapped = hf_name(info.name)
         if mapped is None:
             raise PrequantizedError(f"{path}: tensor {info.name} has no place in a {architecture} model")
         module_name, kind = mapped
-        try:
-            type_name = GGMLQuantizationType(int(info.tensor_type)).name
-        except ValueError:
-            raise PrequantizedError(f"{path}: tensor {info.name} has unknown type {int(info.tensor_type)}") from None
-        shape = [int(d) for d in reversed(info.shape.tolist())]  # GGUF lists the fastest dimension first
+        if info.n_bytes is None:
+            raise PrequantizedError(f"{path}: tensor {info.name} has unknown type {info.type_id}")
+        type_name = GGMLQuantizationType(info.type_id).name
+        shape = list(reversed(info.dims))  # GGUF lists the fastest dimension first
         try:
             target = model.get_submodule(module_name)
         except AttributeError:
@@ -225,8 +315,12 @@ def load_gguf_native(path: Path, cache_dir: Path) -> tuple[nn.Module, Any, str, 
         expected = list(getattr(target, kind).shape)
         if shape != expected:
             raise PrequantizedError(f"{path}: tensor {info.name} has shape {shape}, the config implies {expected}")
+        if info.data_offset + info.n_bytes > file_size:
+            raise PrequantizedError(
+                f"{path}: tensor {info.name} runs past the end of the file ({file_size} bytes): truncated"
+            )
         try:
-            raw = _read_bytes(path, int(info.data_offset), int(info.n_bytes))
+            raw = _read_bytes(path, info.data_offset, info.n_bytes)
         except (OSError, EOFError) as error:
             raise PrequantizedError(f"{path}: tensor {info.name} cannot be read (truncated file? {error})") from None
         rows = shape[0]
@@ -265,7 +359,6 @@ def load_gguf_native(path: Path, cache_dir: Path) -> tuple[nn.Module, Any, str, 
     if isinstance(embedding_table, Int8G32Linear):
         stored["model.embed_tokens.weight_int8"] = embedding_table.weight_int8
         stored["model.embed_tokens.scales"] = embedding_table.scales
-    del reader
     assign_tensors(model, {**stored, **tensors}, path)
     tokenizer = AutoTokenizer.from_pretrained(metadata)
     report = build_report(model, NATIVE, dequantized=dequantized)
