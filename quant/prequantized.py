@@ -65,7 +65,15 @@ def find_source(model: str, precision: str | None) -> PrequantizedSource | None:
     """
     from quant.checkpoints import DEFAULT_MODEL, embedded_gguf
 
-    path = embedded_gguf() if model == DEFAULT_MODEL else Path(model).expanduser()
+    if model == DEFAULT_MODEL:
+        if precision != NATIVE:
+            return None  # the embedded GGUF is converted to float and quantized, as before
+        try:
+            path = embedded_gguf()
+        except RuntimeError as error:
+            raise PrequantizedError(str(error)) from None
+    else:
+        path = Path(model).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return PrequantizedSource("gguf", path, NATIVE) if precision == NATIVE else None
     if not path.is_dir():
