@@ -46,8 +46,10 @@ class ServiceMetrics:
     def __init__(self, model: str, precision: str) -> None:
         self.registry = CollectorRegistry()
         self.labels = {"model": model, "precision": precision}
-        # The mode's declared backend until `set_model_info` reports what was loaded.
-        self.generation_labels = {**self.labels, "backend": quant.get_mode(precision).backend}
+        # The mode's declared backend until `set_model_info` reports what was loaded ("native" is no registered
+        # mode: a pre-quantized checkpoint served as stored, on our torch layers).
+        backend = quant.get_mode(precision).backend if precision in quant.list_modes() else "torch"
+        self.generation_labels = {**self.labels, "backend": backend}
         self.device: torch.device | None = None
         r = self.registry
 

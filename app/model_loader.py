@@ -15,6 +15,7 @@ from app.settings import Settings
 from quant.calibration import CalibrationContext
 from quant.checkpoints import load_float_model
 from quant.kernels import configure as configure_kernels
+from quant.prequantized import check_precision, find_source, load_source
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,11 @@ def load_model(settings: Settings) -> LoadedModel:
     started = time.perf_counter()
     device = resolve_device(settings.device)
     configure_kernels(kernels=settings.kernels, isa=settings.kernel_isa)
+    source = find_source(settings.model, settings.precision)
+    if source is not None:  # already quantized: load it straight into the quantized layers
+        check_precision(source, settings.precision)
+        model, tokenizer, model_id, report = load_source(source, settings.cache_dir, device.type)
+        return LoadedModel(model, tokenizer, model_id, device, report, time.perf_counter() - started)
     config = quant.make_config(settings.precision, settings.quant_options(device.type))
     config.check_available()  # fail before spending time on loading
     model, tokenizer, model_id = load_float_model(settings.model, settings.cache_dir, device.type)

@@ -13,6 +13,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 import quant
 from quant.checkpoints import DEFAULT_CACHE_DIR, DEFAULT_MODEL
 from quant.config import QuantOptions, check_knob, normalize_knob, split_patterns
+from quant.prequantized import NATIVE, PrequantizedError, check_precision, find_source
 
 _HOST = re.compile(r"[0-9A-Za-z.:\-\[\]]+")  # IPv4, IPv6 or a DNS name; resolving is uvicorn's job
 _LIST_KNOBS = tuple(name for name, kind in QuantOptions.knob_types().items() if kind == tuple[str, ...])
@@ -78,7 +79,7 @@ class _ServiceSettings(BaseSettings):
     @field_validator("precision")
     @classmethod
     def _known_precision(cls, value: str) -> str:
-        modes = quant.list_modes()
+        modes = [*quant.list_modes(), NATIVE]
         if value not in modes:
             raise ValueError(f"unknown precision {value!r}; accepted: {', '.join(modes)}")
         return value
@@ -124,6 +125,28 @@ class _ServiceSettings(BaseSettings):
             raise ValueError(
                 f"QS_MAX_INPUT_TOKENS ({self.max_input_tokens}) must be below QS_MAX_TOTAL_TOKENS ({self.max_total_tokens})"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _precision_fits_the_checkpoint(self) -> _ServiceSettings:
+        # A pre-quantized checkpoint serves its own precision: adopted when QS_PRECISION is unset.
+        try:
+            source = find_source(self.model, self.precision)
+        except PrequantizedError as error:
+            raise ValueError(str(error)) from None
+        if source is None:
+            if self.precision == NATIVE:
+                raise ValueError(
+                    f"QS_PRECISION={NATIVE} needs a pre-quantized QS_MODEL (a .gguf file, a quantserve-save "
+                    f"directory, or a GPTQ/AWQ checkpoint); {self.model!r} is a float model"
+                )
+            return self
+        if "precision" not in self.model_fields_set:
+            self.precision = source.stored_precision
+        try:
+            check_precision(source, self.precision)
+        except PrequantizedError as error:
+            raise ValueError(str(error)) from None
         return self
 
     @property

@@ -32,6 +32,8 @@ from quant.api import quantize_
 from quant.calibration import CalibrationContext
 from quant.checkpoints import DEFAULT_CACHE_DIR, DEFAULT_MODEL, default_cache_dir, load_float_model
 from quant.config import ModeUnavailableError, QuantOptions
+from quant.kernels import configure as configure_kernels
+from quant.prequantized import NATIVE, find_source, load_source
 from quant.registry import REFERENCE_MODE, list_modes, make_config
 
 
@@ -168,19 +170,31 @@ def evaluate(
 ) -> Iterator[QualityResult]:
     """Evaluate the reference mode (fp32) first, then every other mode in `modes`, one model at a time."""
     options = options or QuantOptions()
-    configs = [make_config(mode, options) for mode in dict.fromkeys([REFERENCE_MODE, *modes])]
+    # NATIVE serves the checkpoint's own quantization (a GGUF's types): loaded as is, never quantized here
+    configs = [
+        NATIVE if mode == NATIVE else make_config(mode, options) for mode in dict.fromkeys([REFERENCE_MODE, *modes])
+    ]
     for config in configs:
-        config.check_available()  # fail before any long run
+        if config != NATIVE:
+            config.check_available()  # fail before any long run
     reference: torch.Tensor | None = None
     ids: torch.Tensor | None = None
     for config in configs:
-        float_model, tokenizer, model_id = load_float_model(model, cache_dir, options.device)
+        started = time.perf_counter()
+        if config == NATIVE:
+            source = find_source(model, NATIVE)
+            if source is None:
+                raise ModeUnavailableError(f"{NATIVE} needs a pre-quantized model (a .gguf file); {model!r} is not")
+            float_model, tokenizer, _, report = load_source(source, cache_dir, options.device)
+        else:
+            float_model, tokenizer, model_id = load_float_model(model, cache_dir, options.device)
+            started = time.perf_counter()
+            calibration = CalibrationContext(tokenizer, model_id, cache_dir)
+            report = quantize_(float_model, config, calibration=calibration)
         if ids is None:
             ids = tokenize(tokenizer, load_text(text), max_tokens)
-        started = time.perf_counter()
-        report = quantize_(float_model, config, calibration=CalibrationContext(tokenizer, model_id, cache_dir))
         quantized = time.perf_counter()
-        on_window = Progress(config.name, progress) if progress else (lambda done, total: None)
+        on_window = Progress(report.mode, progress) if progress else (lambda done, total: None)
         scores = score(float_model, ids, context, stride, on_window)
         finished = time.perf_counter()
         if reference is None:
@@ -188,7 +202,7 @@ def evaluate(
         forwarded = sum(w.end - w.begin for w in sliding_windows(len(ids), context, stride))
         errors = report.error_summary()
         yield QualityResult(
-            mode=config.name,
+            mode=report.mode,
             weight_bytes=report.total_weight_bytes,
             quantized_ratio=report.quantized_ratio,
             layers_quantized=report.layers_quantized,
@@ -243,6 +257,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--stride", type=int, default=768, help="tokens between window starts (new tokens scored)")
     QuantOptions.add_arguments(parser)  # --group-size, --fp8-format, ...: the knobs, declared in quant.config
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--kernels",
+        choices=("auto", "reference"),
+        default="auto",
+        help="as QS_KERNELS (reference: de-quantize, float GEMM)",
+    )
     parser.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="default: QS_CACHE_DIR")
     parser.add_argument("--json", type=Path, help="also write the results here")
     return parser.parse_args(argv)
@@ -251,15 +271,16 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     modes = list_modes() if args.modes == "all" else [m.strip() for m in args.modes.split(",") if m.strip()]
-    unknown = [m for m in modes if m not in list_modes()]
+    unknown = [m for m in modes if m not in [*list_modes(), NATIVE]]
     if unknown:
-        print(f"unknown mode(s) {', '.join(unknown)}; accepted: {', '.join(list_modes())}", file=sys.stderr)
+        print(f"unknown mode(s) {', '.join(unknown)}; accepted: {', '.join([*list_modes(), NATIVE])}", file=sys.stderr)
         return 2
     try:
         options = QuantOptions.from_arguments(args, device=args.device)
     except ValueError as error:
         print(error, file=sys.stderr)
         return 2
+    configure_kernels(kernels=args.kernels)
     results = []
     try:
         for result in evaluate(

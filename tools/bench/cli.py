@@ -13,6 +13,7 @@ import torch
 
 import quant
 from quant.checkpoints import DEFAULT_MODEL, default_cache_dir
+from quant.prequantized import NATIVE
 from tools.bench.compare import counterpart_pairs
 from tools.bench.llamacpp import LlamaCpp, PeerError, gguf_for
 from tools.bench.machine import describe_machine, load_average
@@ -113,9 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as error:
         parser.error(str(error))
     requested = _split_modes(args.modes)
-    unknown = [name for name in requested if name not in quant.list_modes()]
+    accepted = [*quant.list_modes(), NATIVE]  # native: a pre-quantized --model (a GGUF's own types) as stored
+    unknown = [name for name in requested if name not in accepted]
     if unknown:
-        parser.error(f"unknown mode(s) {', '.join(unknown)}; accepted: {', '.join(quant.list_modes())}")
+        parser.error(f"unknown mode(s) {', '.join(unknown)}; accepted: {', '.join(accepted)}")
     ready, unavailable = available_modes(device)
     modes = requested or ready
     if args.llama_cpp is not None:
