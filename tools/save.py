@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from app.model_loader import load_model
@@ -51,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
             options=settings.quant_options("cpu"),
             source_model=args.model,
             model_id=loaded.model_id,
+            calibration=asdict(loaded.report.calibration) if loaded.report.calibration else None,
         )
     except (SettingsError, ValueError, RuntimeError) as error:
         print(f"quantserve-save: {error}", file=sys.stderr)
