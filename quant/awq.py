@@ -25,8 +25,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quant.layerwise import ATTENTION_IN, ATTENTION_OUT, GROUPS, MLP_IN, MLP_OUT, InputStats, LayerGroup
 from quant.layers.int4 import int4_codes, int4_dequantized, int4_group_params
+from quant.layerwise import ATTENTION_IN, ATTENTION_OUT, GROUPS, MLP_IN, MLP_OUT, InputStats, LayerGroup
 from quant.primitives import grouped
 
 SCALE_GRID = 20  # α = 0, 0.05, ..., 0.95
@@ -53,8 +53,8 @@ def search_scales(
     weights: list[torch.Tensor], stats: InputStats, group_size: int
 ) -> tuple[torch.Tensor, float, float, float]:
     """(s, α, error at α, error at α = 0) of the best grid point for linears sharing one input."""
-    hessian = stats.hessian() / 2  # Σ x xᵀ / n
-    mean_abs = stats.mean_abs()
+    hessian = stats.hessian().to(weights[0].device) / 2  # Σ x xᵀ / n
+    mean_abs = stats.mean_abs().to(weights[0].device)
     results = []
     for step in range(SCALE_GRID):
         alpha = step / SCALE_GRID
@@ -70,11 +70,12 @@ def search_clip(weight: torch.Tensor, hessian: torch.Tensor, group_size: int) ->
     """Per group the clip bound [out, n_groups] with the smallest error on that group's output."""
     n_groups = weight.shape[1] // group_size
     # diagonal blocks of H: [n_groups, group_size, group_size]
-    blocks = torch.stack([hessian[g * group_size : (g + 1) * group_size, g * group_size : (g + 1) * group_size]
-                          for g in range(n_groups)])
+    blocks = torch.stack(
+        [hessian[g * group_size : (g + 1) * group_size, g * group_size : (g + 1) * group_size] for g in range(n_groups)]
+    )
     wg = grouped(weight.float(), group_size)
     absmax = wg.abs().amax(dim=-1, keepdim=True)
-    best_error = torch.full(absmax.shape[:-1], float("inf"))
+    best_error = torch.full(absmax.shape[:-1], float("inf"), device=weight.device)
     best_bound = absmax.clone()
     for step in range(CLIP_STEPS):
         bound = absmax * (1 - step / CLIP_GRID)
@@ -134,7 +135,7 @@ def awq_layer(
         input_scales[group] = scales
         alphas[group] = alpha
     for group in (ATTENTION_IN, ATTENTION_OUT, MLP_IN, MLP_OUT):
-        hessian = groups[group].stats.hessian() / 2
+        hessian = groups[group].stats.hessian().to(layer.mlp.down_proj.weight.device) / 2
         if group in input_scales:  # the input was divided by s: H of the scaled input
             inverse = 1 / input_scales[group]
             hessian = hessian * inverse.unsqueeze(0) * inverse.unsqueeze(1)

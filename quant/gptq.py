@@ -78,13 +78,13 @@ def gptq_int4(
     if in_features % group_size or block_size % group_size:
         raise ValueError(f"in_features {in_features} and block {block_size} must be multiples of group {group_size}")
     w = weight.detach().float().clone()
-    h = hessian.detach().float().clone()
+    h = hessian.detach().float().to(w.device).clone()
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0  # an input that never fires: its weights do not matter, zero them
     w[:, dead] = 0.0
     n_groups = in_features // group_size
-    scales = torch.empty(out_features, n_groups, dtype=torch.float16)
-    mins = torch.empty(out_features, n_groups, dtype=torch.float16)
+    scales = torch.empty(out_features, n_groups, dtype=torch.float16, device=w.device)
+    mins = torch.empty_like(scales)
     if act_order:
         # static groups: every group's parameters from the weights before any update
         group_scales, group_mins = int4_group_params(w, group_size)
@@ -92,11 +92,11 @@ def gptq_int4(
         mins.copy_(group_mins.squeeze(-1))
         order = torch.argsort(h.diagonal(), descending=True, stable=True)
     else:
-        order = torch.arange(in_features)
+        order = torch.arange(in_features, device=w.device)
     w = w[:, order]
     h = h[order][:, order]
     hinv, used_dampening = _inverse_cholesky(h, dampening)
-    codes = torch.empty(out_features, in_features)
+    codes = torch.empty_like(w)
     for start in range(0, in_features, block_size):
         end = min(start + block_size, in_features)
         block = w[:, start:end].clone()

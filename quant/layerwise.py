@@ -17,6 +17,7 @@ Only the Llama family's layer layout is supported (Llama, Mistral, Qwen2, SmolLM
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,13 +47,14 @@ class InputStats:
     """Running statistics of one input width's activations: Σ x xᵀ, Σ |x| and the token count."""
 
     width: int
+    device: torch.device | str = "cpu"
     gram: torch.Tensor = field(init=False)
     abs_sum: torch.Tensor = field(init=False)
     tokens: int = 0
 
     def __post_init__(self) -> None:
-        self.gram = torch.zeros(self.width, self.width, dtype=torch.float64)
-        self.abs_sum = torch.zeros(self.width, dtype=torch.float64)
+        self.gram = torch.zeros(self.width, self.width, dtype=torch.float64, device=self.device)
+        self.abs_sum = torch.zeros(self.width, dtype=torch.float64, device=self.device)
 
     def add(self, x: torch.Tensor) -> None:
         rows = x.reshape(-1, self.width).float()
@@ -122,10 +124,8 @@ def first_layer_inputs(
     device = next(model.parameters()).device
     try:
         for batch in sequences.split(batch_sequences):
-            try:
+            with contextlib.suppress(_Stop):
                 model(batch.to(device), use_cache=False)
-            except _Stop:
-                pass
     finally:
         hook.remove()
     return captured
@@ -141,9 +141,8 @@ def _stopped_input(module: nn.Module, run: Callable[[], Any]) -> torch.Tensor:
 
     hook = module.register_forward_pre_hook(grab)
     try:
-        run()
-    except _Stop:
-        pass
+        with contextlib.suppress(_Stop):
+            run()
     finally:
         hook.remove()
     return seen[0]
@@ -155,7 +154,7 @@ def _group(layer: nn.Module, prefix: str, index: int, group: str, stats: InputSt
 
 
 def _stats(inputs: list[torch.Tensor]) -> InputStats:
-    stats = InputStats(inputs[0].shape[-1])
+    stats = InputStats(inputs[0].shape[-1], inputs[0].device)
     for x in inputs:
         stats.add(x)
     return stats
@@ -186,9 +185,7 @@ def run_layer(
     hidden = [mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x) for x in normed]
     del normed
     on_group(_group(layer, prefix, index, MLP_OUT, _stats(hidden)))
-    return [
-        (h + mlp.down_proj(m), kw) for h, m, (_, kw) in zip(residual, hidden, inputs, strict=True)
-    ]
+    return [(h + mlp.down_proj(m), kw) for h, m, (_, kw) in zip(residual, hidden, inputs, strict=True)]
 
 
 @torch.no_grad()

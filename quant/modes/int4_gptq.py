@@ -42,7 +42,9 @@ class Int4GptqConfig(Int4WeightOnlyConfig, CalibratedConfig):
         dampenings: list[float] = []
 
         def quantize_group(group: LayerGroup) -> None:
-            linears = {n: m for n, m in group.linears.items() if Int4WeightOnlyLinear.supports(m.in_features, self.group_size)}
+            linears = {
+                n: m for n, m in group.linears.items() if Int4WeightOnlyLinear.supports(m.in_features, self.group_size)
+            }
             if not linears:
                 return
             # linears sharing an input share H: one GPTQ run over their stacked rows
@@ -88,7 +90,11 @@ class Int4GptqConfig(Int4WeightOnlyConfig, CalibratedConfig):
         solution = getattr(linear, _SOLUTION, None)
         if solution is None or not Int4WeightOnlyLinear.supports(linear.in_features, self.group_size):
             # outside the decoder layers (e.g. an untied head with QS_QUANTIZE_LM_HEAD=true): plain int4
-            log.info("%s: a %s without GPTQ calibration is quantized by int4's round-to-nearest", self.name, type(linear).__name__)
+            log.info(
+                "%s: a %s without GPTQ calibration is quantized by int4's round-to-nearest",
+                self.name,
+                type(linear).__name__,
+            )
             return super().quantize_linear(linear)
         packed, scales, mins = solution
         return Int4WeightOnlyLinear.from_storage(linear, unpack_int4(packed), scales, mins)
