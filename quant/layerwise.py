@@ -18,6 +18,8 @@ Only the Llama family's layer layout is supported (Llama, Mistral, Qwen2, SmolLM
 from __future__ import annotations
 
 import contextlib
+import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +28,8 @@ import torch
 from torch import nn
 
 from quant.calibration import CalibrationError
+
+log = logging.getLogger(__name__)
 
 # The groups of linears that share an input, in the order a layer's forward reaches them.
 ATTENTION_IN = "attention_in"  # q, k, v: input_layernorm's output
@@ -199,8 +203,12 @@ def run_layers(
     """Calibrate the model's decoder layers in order (see the module doc); `after_layer(index, layer)`
     runs once a layer's outputs are computed."""
     prefix, layers = decoder_layers(model)
+    started = time.perf_counter()
     inputs = first_layer_inputs(model, sequences, batch_sequences)
     for index, layer in enumerate(layers):
         inputs = run_layer(layer, index, inputs, on_group, prefix)
         if after_layer is not None:
             after_layer(index, layer)
+        log.info(
+            "calibrated decoder layer %d/%d (%.0f s so far)", index + 1, len(layers), time.perf_counter() - started
+        )
