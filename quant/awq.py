@@ -26,7 +26,16 @@ import torch
 from torch import nn
 
 from quant.layers.int4 import int4_codes, int4_dequantized, int4_group_params
-from quant.layerwise import ATTENTION_IN, ATTENTION_OUT, GROUPS, MLP_IN, MLP_OUT, InputStats, LayerGroup
+from quant.layerwise import (
+    ATTENTION_IN,
+    ATTENTION_OUT,
+    GROUPS,
+    MLP_IN,
+    MLP_OUT,
+    InputStats,
+    LayerGroup,
+    single_threaded,
+)
 from quant.primitives import grouped
 
 SCALE_GRID = 20  # α = 0, 0.05, ..., 0.95
@@ -121,6 +130,13 @@ def awq_layer(
     layer: nn.Module, prefix: str, groups: dict[str, LayerGroup], group_size: int
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Search and apply one decoder layer's scales, then its clips. Returns (state, α per group)."""
+    with single_threaded():
+        return _awq_layer(layer, prefix, groups, group_size)
+
+
+def _awq_layer(
+    layer: nn.Module, prefix: str, groups: dict[str, LayerGroup], group_size: int
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     state: dict[str, torch.Tensor] = {}
     alphas: dict[str, float] = {}
     producers = dict(SCALED_BY)

@@ -16,14 +16,13 @@ min, codes on that stored grid), so the kernels and the native decode path serve
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
 from quant.layers.int4 import int4_dequantized, int4_group_params
+from quant.layerwise import single_threaded
 
 log = logging.getLogger(__name__)
 
@@ -59,19 +58,6 @@ def _inverse_cholesky(hessian: torch.Tensor, dampening: float) -> tuple[torch.Te
                 return upper, dampening
         dampening *= 10
     raise ValueError(f"GPTQ: the Hessian is not positive definite even with dampening {dampening:g}")
-
-
-@contextlib.contextmanager
-def single_threaded() -> Iterator[None]:
-    """torch on one thread meanwhile. The column loop is thousands of small ops: with two threads each
-    one waits at a barrier for the other, and on a busy machine that costs 40x (measured: 45 s against
-    1.2 s for a 960 x 576 weight while other processes held the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _codes(column: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:

@@ -102,3 +102,20 @@ def test_calibrated_int4_needs_calibration_text(mode: str, tiny_model_dir: Path)
     model = load_tiny_llama(tiny_model_dir)
     with pytest.raises(CalibrationError, match=f"{mode} is a calibrated mode"):
         quant.quantize_(model, quant.make_config(mode, OPTIONS))
+
+
+@pytest.mark.parametrize("mode", CALIBRATED_INT4)
+def test_the_service_loads_and_decodes_natively_in_calibrated_int4(
+    mode: str, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from app.engine.native_runner import native_unsupported_reason
+    from app.model_loader import load_model
+    from app.settings import load_settings
+
+    settings = load_settings(
+        model=str(tiny_model_dir), precision=mode, group_size=32, calibration_tokens=1024, cache_dir=tmp_path
+    )
+    loaded = load_model(settings)
+    calibration = loaded.report.calibration
+    assert calibration is not None and (calibration.source, calibration.tokens) == ("pydoc_data.topics", 1024)
+    assert native_unsupported_reason(loaded.model) is None  # int4's storage: the native decode step serves it
