@@ -14,7 +14,7 @@ from torch import nn
 
 from quant.kernels import INT4, LinearSpec, dequantize_int4
 from quant.layers.base import QuantizedLinear
-from quant.primitives import affine_codes, grouped, optimize_affine_hqq, pack_int4, quantize_affine
+from quant.primitives import affine_codes, affine_minmax_params, grouped, optimize_affine_hqq, pack_int4
 
 ZeroPointMethod = Literal["minmax", "hqq"]
 
@@ -79,8 +79,10 @@ def int4_group_params(
     weight: torch.Tensor, group_size: int, zero_point: ZeroPointMethod = "minmax"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The stored float16 scales and mins [out, n_groups, 1] int4 gives `weight` [out, in]."""
-    quantize = optimize_affine_hqq if zero_point == "hqq" else quantize_affine
-    _, scale, zero = quantize(weight.float(), 4, group_size=group_size)
+    if zero_point == "hqq":
+        _, scale, zero = optimize_affine_hqq(weight.float(), 4, group_size=group_size)
+    else:
+        scale, zero = affine_minmax_params(weight, 4, group_size=group_size)
     # Round the parameters to their stored float16 first; codes are then chosen on that stored
     # grid (`int4_codes`), so storage rounding costs nothing extra.
     return scale.clamp_min(2.0**-24).to(torch.float16), (-zero * scale).to(torch.float16)
