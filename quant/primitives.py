@@ -113,6 +113,16 @@ def _affine_step(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.maximum((hi - lo) / (2**bits - 1), floor).clamp_min(_EPS)
 
 
+def affine_minmax_params(
+    x: torch.Tensor, bits: int = 4, *, group_size: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) of `quantize_affine`'s min-max grid per group, without computing the codes."""
+    xg = grouped(x, group_size).float()
+    lo, hi = xg.amin(dim=-1, keepdim=True), xg.amax(dim=-1, keepdim=True)
+    scale = _affine_step(lo, hi, bits)
+    return scale, -lo / scale
+
+
 def quantize_affine(
     x: torch.Tensor,
     bits: int = 4,

@@ -14,7 +14,7 @@ from torch import nn
 
 from quant.kernels import INT4, LinearSpec, dequantize_int4
 from quant.layers.base import QuantizedLinear
-from quant.primitives import affine_codes, grouped, optimize_affine_hqq, pack_int4, quantize_affine
+from quant.primitives import affine_codes, affine_minmax_params, grouped, optimize_affine_hqq, pack_int4
 
 ZeroPointMethod = Literal["minmax", "hqq"]
 
@@ -42,18 +42,21 @@ class Int4WeightOnlyLinear(QuantizedLinear):
         cls, linear: nn.Linear, group_size: int = 64, zero_point: ZeroPointMethod = "minmax"
     ) -> Int4WeightOnlyLinear:
         """Quantize `linear`; `zero_point="hqq"` optimises the zero points (HQQ) instead of min-max."""
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size)
         weight = linear.weight.detach().float()
-        quantize = optimize_affine_hqq if zero_point == "hqq" else quantize_affine
-        _, scale, zero = quantize(weight, 4, group_size=group_size)
-        # Round the parameters to their stored float16 first, then pick each weight's
-        # nearest code on that stored grid, so storage rounding costs nothing extra.
-        scales = scale.clamp_min(2.0**-24).to(torch.float16)
-        mins = (-zero * scale).to(torch.float16)
-        codes = affine_codes(grouped(weight, group_size), scales.float(), mins.float(), bits=4)
-        layer.packed = pack_int4(codes.reshape(weight.shape)).contiguous()
-        layer.scales = scales.squeeze(-1).contiguous()
-        layer.mins = mins.squeeze(-1).contiguous()
+        scales, mins = int4_group_params(weight, group_size, zero_point)
+        return cls.from_storage(linear, int4_codes(weight, scales, mins), scales, mins)
+
+    @classmethod
+    def from_storage(
+        cls, linear: nn.Linear, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor
+    ) -> Int4WeightOnlyLinear:
+        """The layer holding given codes [out, in] (0..15) and float16 scales and mins [out, n_groups]
+        (e.g. GPTQ's choice); `linear` gives the bias, the device and the activations' dtype."""
+        group_size = linear.in_features // scales.shape[1]
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size)
+        layer.packed = pack_int4(codes.reshape(linear.out_features, linear.in_features)).contiguous()
+        layer.scales = scales.reshape(layer.scales.shape).to(torch.float16).contiguous()
+        layer.mins = mins.reshape(layer.mins.shape).to(torch.float16).contiguous()
         layer._copy_bias(linear)
         return layer._placed_like(linear)
 
@@ -70,3 +73,29 @@ class Int4WeightOnlyLinear(QuantizedLinear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, group_size={self.group_size}"
+
+
+def int4_group_params(
+    weight: torch.Tensor, group_size: int, zero_point: ZeroPointMethod = "minmax"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stored float16 scales and mins [out, n_groups, 1] int4 gives `weight` [out, in]."""
+    if zero_point == "hqq":
+        _, scale, zero = optimize_affine_hqq(weight.float(), 4, group_size=group_size)
+    else:
+        scale, zero = affine_minmax_params(weight, 4, group_size=group_size)
+    # Round the parameters to their stored float16 first; codes are then chosen on that stored
+    # grid (`int4_codes`), so storage rounding costs nothing extra.
+    return scale.clamp_min(2.0**-24).to(torch.float16), (-zero * scale).to(torch.float16)
+
+
+def int4_codes(weight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+    """Each weight's nearest code [out, in] on the grid of stored `scales` and `mins` [out, n_groups, 1]."""
+    group_size = weight.shape[-1] // scales.shape[-2]
+    return affine_codes(grouped(weight, group_size), scales.float(), mins.float(), bits=4).reshape(weight.shape)
+
+
+def int4_dequantized(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+    """The float weight [out, in] that codes and stored parameters [out, n_groups, 1] stand for,
+    computed as the kernels compute it."""
+    group_size = codes.shape[-1] // scales.shape[-2]
+    return (grouped(codes.float(), group_size) * scales.float() + mins.float()).reshape(codes.shape)

@@ -1,0 +1,90 @@
+"""GPTQ on int4's grid (`quant.gptq`): lower output error than round-to-nearest, exactly int4's storage."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from quant.gptq import gptq_int4
+from quant.layers.int4 import Int4WeightOnlyLinear
+from quant.primitives import unpack_int4
+
+GROUP = 32
+
+
+def correlated_layer(seed: int, in_features: int = 128, out_features: int = 48, tokens: int = 2048):
+    """A linear and inputs whose features are strongly correlated (a low-rank mix plus noise), with
+    a few large channels, as a transformer's activations are."""
+    generator = torch.Generator().manual_seed(seed)
+    mix = torch.randn(16, in_features, generator=generator)
+    x = torch.randn(tokens, 16, generator=generator) @ mix + 0.1 * torch.randn(tokens, in_features, generator=generator)
+    x[:, :4] *= 8.0
+    linear = nn.Linear(in_features, out_features, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(out_features, in_features, generator=generator) * 0.02)
+    return linear, x, 2 * x.T @ x / tokens
+
+
+def output_error(weight: torch.Tensor, reference: torch.Tensor, x: torch.Tensor) -> float:
+    return ((x @ (weight - reference).T).norm() / (x @ reference.T).norm()).item()
+
+
+@pytest.mark.parametrize("act_order", [True, False])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_gptq_output_error_is_well_below_round_to_nearest(seed: int, act_order: bool) -> None:
+    linear, x, hessian = correlated_layer(seed)
+    rtn = Int4WeightOnlyLinear.from_linear(linear, GROUP).dequantize_weight()
+    gptq = gptq_int4(linear.weight, hessian, GROUP, act_order=act_order).dequantized()
+    rtn_error, gptq_error = output_error(rtn, linear.weight, x), output_error(gptq, linear.weight, x)
+    assert gptq_error < 0.7 * rtn_error, (gptq_error, rtn_error)
+
+
+def test_the_served_layer_reproduces_gptqs_weights_exactly() -> None:
+    linear, x, hessian = correlated_layer(0)
+    solution = gptq_int4(linear.weight, hessian, GROUP)
+    layer = Int4WeightOnlyLinear.from_storage(linear, solution.codes, solution.scales, solution.mins)
+    assert torch.equal(unpack_int4(layer.packed), solution.codes)
+    assert torch.equal(layer.dequantize_weight(), solution.dequantized())
+    with torch.no_grad():  # the kernel applies that weight (from 128 rows: de-quantized, float GEMM)
+        torch.testing.assert_close(layer(x[:128]), x[:128] @ solution.dequantized().T, rtol=1e-4, atol=1e-5)
+
+
+def test_without_correlations_gptq_is_int4_itself() -> None:
+    """With H = I no error is worth spreading: GPTQ must then pick int4's own codes and parameters,
+    which shows that its quantizer is int4's grid, float16 parameters included."""
+    linear, _, _ = correlated_layer(0)
+    rtn = Int4WeightOnlyLinear.from_linear(linear, GROUP)
+    solution = gptq_int4(linear.weight, torch.eye(linear.in_features), GROUP, act_order=False)
+    assert torch.equal(solution.codes, unpack_int4(rtn.packed))
+    assert torch.equal(solution.scales, rtn.scales) and torch.equal(solution.mins, rtn.mins)
+
+
+def test_act_order_keeps_static_groups_contiguous_and_dead_inputs_are_zeroed() -> None:
+    linear, _, hessian = correlated_layer(1)
+    hessian[5, :] = 0
+    hessian[:, 5] = 0  # input 5 never fires
+    solution = gptq_int4(linear.weight, hessian, GROUP, act_order=True)
+    # static groups: every group's parameters are int4's min-max of the (dead-zeroed) original weights
+    weight = linear.weight.detach().clone()
+    weight[:, 5] = 0
+    rtn_of_weight = Int4WeightOnlyLinear.from_linear(_linear_of(weight), GROUP)
+    assert torch.equal(solution.scales, rtn_of_weight.scales) and torch.equal(solution.mins, rtn_of_weight.mins)
+    assert (solution.codes <= 15).all()
+
+
+def _linear_of(weight: torch.Tensor) -> nn.Linear:
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+    return linear
+
+
+def test_a_singular_hessian_is_dampened_further() -> None:
+    linear, _, _ = correlated_layer(0)
+    v = torch.randn(128, generator=torch.Generator().manual_seed(0))
+    mean_diagonal = v.pow(2).mean()
+    # eigenvalues -2% of the mean diagonal: 1% dampening leaves H indefinite, 10% does not
+    hessian = torch.outer(v, v) - 0.02 * mean_diagonal * torch.eye(128)
+    solution = gptq_int4(linear.weight, hessian, GROUP, act_order=False)
+    assert solution.dampening == pytest.approx(0.1)
