@@ -55,12 +55,12 @@ class QuantOptions:
     )
     calibration_tokens: int = knob(32768, "calibrated modes: tokens of the calibration text used", positive=True)
     activation_observer: str = knob(
-        "percentile",
+        "minmax",
         "int8-static: how each input's activation step is chosen from calibration (largest |x|, "
         "99.99th percentile of |x|, or the clip with the least squared error)",
         choices=ACTIVATION_OBSERVERS,
     )
-    smoothquant_alpha: float = knob(0.5, "int8-static: SmoothQuant migration strength, 0 to 1 (0: no smoothing)")
+    smoothquant_alpha: float = knob(0.85, "int8-static: SmoothQuant migration strength, 0 to 1 (0: no smoothing)")
     device: str = "cpu"  # where the model runs: resolved by the caller, not a knob
 
     def __post_init__(self) -> None:

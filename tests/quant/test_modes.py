@@ -16,7 +16,15 @@ from quant.layers.base import QuantizedLinear
 from quant.layers.int8_grouped import Int8G32Embedding, Int8G32Linear
 from tests.conftest import greedy_complete
 from tests.support import tiny_shapes as tiny
-from tests.support.modes import ALL_MODES, BNB_MODES, FLOAT_MODES, ISSUE_FLOAT_MODES, QUANTIZED_MODES, bits
+from tests.support.modes import (
+    ALL_MODES,
+    BNB_MODES,
+    FLOAT_MODES,
+    ISSUE_FLOAT_MODES,
+    QUANTIZED_MODES,
+    UNCALIBRATED_QUANTIZED_MODES,
+    bits,
+)
 
 ACTIVATION_QUANTIZING_MODES = [m for m in ALL_MODES if quant.get_mode(m).quantizes_activations]
 
@@ -78,7 +86,7 @@ def test_every_issue_mode_is_registered() -> None:
     assert set(ISSUE_FLOAT_MODES) <= set(FLOAT_MODES)  # registered as float modes: the whole model cast
 
 
-@pytest.mark.parametrize("mode", [mode_param(m) for m in QUANTIZED_MODES])
+@pytest.mark.parametrize("mode", [mode_param(m) for m in UNCALIBRATED_QUANTIZED_MODES])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_layer_output_error_within_mode_bound(mode: str, seed: int) -> None:
     linear, x = random_linear(seed)
@@ -138,7 +146,7 @@ def tiny_gpt2() -> nn.Module:
     return GPT2LMHeadModel(config).eval()
 
 
-@pytest.mark.parametrize("mode", [mode_param(m) for m in QUANTIZED_MODES])
+@pytest.mark.parametrize("mode", [mode_param(m) for m in UNCALIBRATED_QUANTIZED_MODES])
 def test_gpt2_conv1d_quantized_and_tied_head_kept_float_when_asked(mode: str) -> None:
     model = tiny_gpt2()
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -157,7 +165,7 @@ def test_gpt2_conv1d_quantized_and_tied_head_kept_float_when_asked(mode: str) ->
     assert len(report.layer_errors) == 8 and all(e.sqnr_db > 10 for e in report.layer_errors)
 
 
-@pytest.mark.parametrize("mode", [mode_param(m) for m in QUANTIZED_MODES])
+@pytest.mark.parametrize("mode", [mode_param(m) for m in UNCALIBRATED_QUANTIZED_MODES])
 def test_tied_head_becomes_int8_g32_by_default_and_the_embedding_reads_its_table(mode: str) -> None:
     model = tiny_gpt2()
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -277,7 +285,7 @@ def test_bitsandbytes_missing_fails_with_one_line(mode: str, monkeypatch: pytest
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("mode", [mode_param(m) for m in QUANTIZED_MODES])
+@pytest.mark.parametrize("mode", [mode_param(m) for m in UNCALIBRATED_QUANTIZED_MODES])
 def test_modes_run_on_cuda(mode: str) -> None:
     model = tiny_gpt2().cuda()
     ids = torch.randint(0, 128, (2, 12), device="cuda")

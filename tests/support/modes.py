@@ -10,6 +10,10 @@ ALL_MODES = quant.list_modes()
 FLOAT_MODES = [m for m in ALL_MODES if not quant.make_config(m).replaces_linears]
 QUANTIZED_MODES = [m for m in ALL_MODES if m not in FLOAT_MODES]
 BNB_MODES = [m for m in ALL_MODES if quant.get_mode(m).backend == "bitsandbytes"]
+# Calibrated modes need calibration text and a tokenizer: tests that quantize a bare layer or a
+# model without them take the others (each calibrated mode has its own tests).
+CALIBRATED_MODES = [m for m in ALL_MODES if quant.get_mode(m).calibrated]
+UNCALIBRATED_QUANTIZED_MODES = [m for m in QUANTIZED_MODES if m not in CALIBRATED_MODES]
 
 # What the issues ask for, checked against the registry (not derived from it, or the check would be empty).
 ISSUE_FLOAT_MODES = ("fp32", "bf16", "fp16")
