@@ -43,6 +43,18 @@ def test_native_op_matches_the_reference_and_saturates(isa, rows: int) -> None:
     assert int8_static_linear(x, w, w_scale, act_scale, bias).shape == (rows, 48)
 
 
+@pytest.mark.parametrize("rows", [1, 4])
+def test_the_packed_decode_kernel_matches_the_op(isa, rows: int) -> None:
+    """The native step's int8_static tiles (NativeLinear): the same codes as the torch op, any batch."""
+    w, w_scale = int8_weight(40, 96, 4)  # 40 rows: a partial last tile of 16
+    x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(5))
+    x[0, 1] = -90.0  # saturates
+    act_scale, bias = torch.tensor([0.02]), torch.randn(40)
+    packed = torch.classes.quantserve.NativeLinear("int8_static", [w, w_scale, act_scale], 0, bias, 2)
+    want = torch.ops.quantserve.int8_static_linear(x, w, w_scale, act_scale, bias)
+    torch.testing.assert_close(packed.forward(x), want, rtol=1e-6, atol=1e-5)
+
+
 def test_static_with_the_rows_own_scale_is_dynamic() -> None:
     w, w_scale = int8_weight(32, 64, 2)
     x = torch.randn(1, 64)
