@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 GROUP_SIZES = (32, 64, 128)  # group sizes the 4-bit storage and kernels take
 FP8_FORMATS = ("e4m3", "e5m2")
 LM_HEAD_CHOICES = ("auto", "true", "false")
+ACTIVATION_OBSERVERS = ("minmax", "percentile", "mse")  # int8-static (quant.observers)
 _MODULE_PATTERN = re.compile(r"[\w.*?\[\]]+")  # a module name, or an fnmatch pattern of names
 
 
@@ -53,6 +54,13 @@ class QuantOptions:
         "", "calibrated modes: UTF-8 text to calibrate on; empty = Python's own pydoc_data.topics"
     )
     calibration_tokens: int = knob(32768, "calibrated modes: tokens of the calibration text used", positive=True)
+    activation_observer: str = knob(
+        "minmax",
+        "int8-static: how each input's activation step is chosen from calibration (largest |x|, "
+        "99.99th percentile of |x|, or the clip with the least squared error)",
+        choices=ACTIVATION_OBSERVERS,
+    )
+    smoothquant_alpha: float = knob(0.85, "int8-static: SmoothQuant migration strength, 0 to 1 (0: no smoothing)")
     device: str = "cpu"  # where the model runs: resolved by the caller, not a knob
 
     def __post_init__(self) -> None:
@@ -122,6 +130,8 @@ def check_knob(name: str, value: object) -> None:
         raise ValueError(f"{label} must be one of {one_of(meta['choices'])}, got {value!r}")
     if meta["positive"] and not (isinstance(value, int | float) and value > 0):
         raise ValueError(f"{label} must be greater than 0, got {value!r}")
+    if name == "smoothquant_alpha" and not (isinstance(value, int | float) and 0 <= value <= 1):
+        raise ValueError(f"{label} must be between 0 and 1, got {value!r}")
     if name == "skip_modules":
         for pattern in value:  # type: ignore[attr-defined]
             if not _MODULE_PATTERN.fullmatch(pattern):

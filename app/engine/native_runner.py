@@ -15,7 +15,7 @@ What it takes (`native_unsupported_reason` says what it does not): a Llama-famil
 LlamaRunner runs, in float32, bfloat16 or float16, on CPU, with head_dim a multiple of 16 and
 hidden/intermediate sizes multiples of 32; every linear (projections and head) either an
 `nn.Linear` in one of those dtypes or one of our `Int8WeightOnlyLinear`, `Int8DynamicLinear`,
-`Int4WeightOnlyLinear` (group size a multiple of 32),
+`Int8StaticLinear` (linears that share an input share its activation scale), `Int4WeightOnlyLinear` (group size a multiple of 32),
 `Int8G32Linear`, `Fp8WeightOnlyLinear` (e4m3 or e5m2) or `NF4Linear` (block size a multiple
 of 32); the embedding an `nn.Embedding` in one of those dtypes or an int8 g32 table.
 
@@ -41,6 +41,7 @@ from quant.layers.fp8 import Fp8WeightOnlyLinear
 from quant.layers.int4 import Int4WeightOnlyLinear
 from quant.layers.int8 import Int8DynamicLinear, Int8WeightOnlyLinear
 from quant.layers.int8_grouped import Int8G32Linear
+from quant.layers.int8_static import Int8StaticLinear
 from quant.layers.nf4 import NF4Linear
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,8 @@ def linear_spec(module: nn.Module) -> LinearSpec | str:
         spec = ("int8", [module.weight_int8, module.scale], 0, bias)
     elif type(module) is Int8DynamicLinear:  # W8A8: the same tiles, one activation scale per row
         spec = ("int8_row", [module.weight_int8, module.scale], 0, bias)
+    elif type(module) is Int8StaticLinear:  # W8A8 static: the same tiles, the calibrated activation scale
+        spec = ("int8_static", [module.weight_int8, module.scale, module.act_scale], 0, bias)
     elif type(module) is Int4WeightOnlyLinear:
         if module.scales.dtype != torch.float16 or module.mins.dtype != torch.float16:
             return "int4 scales/mins are not float16"

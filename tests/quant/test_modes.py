@@ -93,7 +93,7 @@ def test_every_issue_mode_is_registered() -> None:
     assert set(ISSUE_FLOAT_MODES) <= set(FLOAT_MODES)  # registered as float modes: the whole model cast
 
 
-@pytest.mark.parametrize("mode", [mode_param(m) for m in QUANTIZED_MODES])
+@pytest.mark.parametrize("mode", [mode_param(m) for m in CALIBRATION_FREE_QUANTIZED_MODES])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_layer_output_error_within_mode_bound(mode: str, seed: int) -> None:
     linear, x = random_linear(seed)

@@ -11,7 +11,7 @@ FLOAT_MODES = [m for m in ALL_MODES if not quant.make_config(m).replaces_linears
 QUANTIZED_MODES = [m for m in ALL_MODES if m not in FLOAT_MODES]
 BNB_MODES = [m for m in ALL_MODES if quant.get_mode(m).backend == "bitsandbytes"]
 # Calibrated modes need calibration text and (GPTQ, AWQ) a Llama-family model: tests on other
-# models (tiny GPT-2) take the others; tests/quant/test_calibrated_int4.py covers them on the tiny Llama.
+# models (tiny GPT-2) take the others; each calibrated mode has its own tests on the tiny Llama.
 CALIBRATED_MODES = [m for m in ALL_MODES if quant.get_mode(m).calibrated]
 CALIBRATION_FREE_QUANTIZED_MODES = [m for m in QUANTIZED_MODES if m not in CALIBRATED_MODES]
 

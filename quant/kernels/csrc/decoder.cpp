@@ -59,6 +59,7 @@ bool reads_codes(PackKind kind) {
 struct Packed {
   PackedMatrix m{};
   bool per_row_acts = false;  // int8_row: activations quantized with one scale per row (W8A8 dynamic)
+  float act_scale = 0.0f;     // int8_static: that calibrated scale for every row (W8A8 static)
   at::Tensor storage;  // packed tiles (uint8), or the float32 weight read in place
   at::Tensor bias;     // float32 [N], or undefined
   std::string kind;
@@ -77,7 +78,8 @@ ActQuant act_quant(const Packed& p) {
   return !reads_codes(p) ? ActQuant::none : p.per_row_acts ? ActQuant::per_row : ActQuant::per_block;
 }
 
-// One preparation for matmuls that share their input (q/k/v, gate/up): they must agree on it.
+// One preparation for matmuls that share their input (q/k/v, gate/up): they must agree on it,
+// static scales included (checked when the decoder is finalized).
 ActQuant shared_act_quant(std::initializer_list<const Packed*> group) {
   ActQuant quant = ActQuant::none;
   for (const Packed* p : group) {
@@ -87,6 +89,18 @@ ActQuant shared_act_quant(std::initializer_list<const Packed*> group) {
     if (q != ActQuant::none) quant = q;
   }
   return quant;
+}
+
+// The calibrated activation scale the group shares (0: none, scales computed per row or block).
+float shared_act_scale(std::initializer_list<const Packed*> group) {
+  float scale = 0.0f;
+  for (const Packed* p : group) {
+    if (!reads_codes(*p)) continue;
+    TORCH_CHECK(scale == 0.0f || p->act_scale == scale,
+                "native decode: matmuls sharing an input have different static activation scales");
+    scale = p->act_scale;
+  }
+  return scale;
 }
 
 at::Tensor checked(const at::Tensor& t, at::ScalarType dtype, std::vector<int64_t> shape, const char* what) {
@@ -171,12 +185,20 @@ Packed pack(const std::string& kind, const std::vector<at::Tensor>& t, int64_t g
     p.m.K = K;
     p.m.tiles = ceil_div(N, kTile);
     p.m.f32 = p.storage.data_ptr<float>();
-  } else if (kind == "int8" || kind == "int8_row" || kind == "int8_g32") {
-    TORCH_CHECK(t.size() == 2 && t[0].dim() == 2, kind, " linear takes [weight_int8 [N, K], scales]");
+  } else if (kind == "int8" || kind == "int8_row" || kind == "int8_static" || kind == "int8_g32") {
+    const bool is_static = kind == "int8_static";
+    TORCH_CHECK(t.size() == (is_static ? 3u : 2u) && t[0].dim() == 2, kind,
+                is_static ? " linear takes [weight_int8 [N, K], scale [N], act_scale [1]]"
+                          : " linear takes [weight_int8 [N, K], scales]");
     const int64_t N = t[0].size(0), K = t[0].size(1);
     const at::Tensor w = checked(t[0], at::kChar, {N, K}, "weight_int8");
-    if (kind != "int8_g32") {  // int8_row: the int8 tiles, fed activations with one scale per row
-      p.per_row_acts = kind == "int8_row";
+    if (kind != "int8_g32") {  // int8_row / int8_static: the int8 tiles, fed activations with one scale per row
+      p.per_row_acts = kind == "int8_row" || is_static;
+      if (is_static) {
+        TORCH_CHECK(t[2].numel() == 1, "int8_static act_scale must hold one value");
+        p.act_scale = t[2].to(at::kFloat).item<float>();
+        TORCH_CHECK(p.act_scale > 0.0f && std::isfinite(p.act_scale), "int8_static act_scale must be finite and > 0");
+      }
       const at::Tensor s = checked(t[1].to(at::kFloat), at::kFloat, {N}, "int8 scale");
       init_tiles(p, PackKind::int8, N, K, kTile * 4, K * kTile);
       for (int64_t n = 0; n < N; ++n)
@@ -244,7 +266,7 @@ Packed pack(const std::string& kind, const std::vector<at::Tensor>& t, int64_t g
     }
   } else {
     TORCH_CHECK(false, "native decode: unknown linear kind '", kind,
-                "' (f32, f16, bf16, int8, int8_row, int4, int8_g32, fp8_e4m3, fp8_e5m2, nf4)");
+                "' (f32, f16, bf16, int8, int8_row, int8_static, int4, int8_g32, fp8_e4m3, fp8_e5m2, nf4)");
   }
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->numel() == p.m.N, "bias must have ", p.m.N, " elements");
@@ -276,7 +298,7 @@ struct Scratch {
 
   // acts for `rows` rows of `src` [rows, K]: optionally RMS-normalized, quantized if asked.
   DecodeActs prepare(const KernelTable& kt, const float* src, int64_t rows, int64_t K, const float* norm, float eps,
-                     ActQuant quantize) {
+                     ActQuant quantize, float fixed_scale = 0.0f) {
     DecodeActs a{};
     a.M = rows;
     a.K = K;
@@ -290,7 +312,7 @@ struct Scratch {
       for (int64_t b = 0; b < rows; ++b)
         kt.quantize_row(a.x + b * K, K, codes.data() + b * K, scales.data() + b * blocks,
                         block_sums.data() + b * blocks, code_sums.data() + b * blocks,
-                        quantize == ActQuant::per_row);
+                        quantize == ActQuant::per_row, fixed_scale);
       a.codes = codes.data();
       a.scales = scales.data();
       a.block_sums = block_sums.data();
@@ -380,7 +402,7 @@ class NativeLinear : public torch::CustomClassHolder {
     Scratch& s = scratch_[thread];
     for (int64_t it = 0; it < iters_; ++it) {
       const Packed& p = copies_[it % copies_used_];
-      const DecodeActs a = s.prepare(*kt_, x_, M_, p.m.K, nullptr, 0.0f, act_quant(p));
+      const DecodeActs a = s.prepare(*kt_, x_, M_, p.m.K, nullptr, 0.0f, act_quant(p), p.act_scale);
       const float* bias = p.bias.defined() ? p.bias.data_ptr<float>() : nullptr;
       ItemCounter& counter = counters_[it];
       for (int64_t item = counter.take(); item < items_; item = counter.take()) {
@@ -514,6 +536,11 @@ class NativeDecoder : public torch::CustomClassHolder {
     for (size_t i = 0; i < layers_.size(); ++i) {
       TORCH_CHECK(layers_[i].attn_norm.defined(), "NativeDecoder: layer ", i, " has no norms");
       for (int r = 0; r < kRoles; ++r) TORCH_CHECK(layers_[i].present[r], "NativeDecoder: layer ", i, " misses a linear");
+      const Packed* l = layers_[i].linears;
+      shared_act_quant({&l[kQ], &l[kK], &l[kV]});
+      shared_act_quant({&l[kGate], &l[kUp]});
+      shared_act_scale({&l[kQ], &l[kK], &l[kV]});  // the step quantizes their shared input once
+      shared_act_scale({&l[kGate], &l[kUp]});
     }
     const int threads = team_->size();
     const Layer& first = layers_.front();
@@ -693,7 +720,8 @@ class NativeDecoder : public torch::CustomClassHolder {
       // q, k, v from one normalized, quantized copy of h; RoPE and the KV write in the epilogue
       {
         const ActQuant quant = shared_act_quant({&l.linears[kQ], &l.linears[kK], &l.linears[kV]});
-        const DecodeActs a = s.prepare(*kt_, h_.data(), B_, hidden_, l.attn_norm.data_ptr<float>(), eps_, quant);
+        const DecodeActs a = s.prepare(*kt_, h_.data(), B_, hidden_, l.attn_norm.data_ptr<float>(), eps_, quant,
+                                       shared_act_scale({&l.linears[kQ], &l.linears[kK], &l.linears[kV]}));
         record(thread, a, h_.data());
         ItemCounter& counter = counters_[phase++];
         for (int64_t i = counter.take(); i < static_cast<int64_t>(qkv_items_.size()); i = counter.take()) {
@@ -729,7 +757,8 @@ class NativeDecoder : public torch::CustomClassHolder {
       team_->barrier();
       // o_proj + residual
       {
-        const DecodeActs a = s.prepare(*kt_, attn_.data(), B_, q_dim, nullptr, eps_, act_quant(l.linears[kO]));
+        const DecodeActs a = s.prepare(*kt_, attn_.data(), B_, q_dim, nullptr, eps_, act_quant(l.linears[kO]),
+                                       l.linears[kO].act_scale);
         record(thread, a);
         residual_phase(l.linears[kO], a, o_items_, counters_[phase++], s);
       }
@@ -737,7 +766,8 @@ class NativeDecoder : public torch::CustomClassHolder {
       // gate and up from one normalized, quantized copy of h; SiLU(gate) * up in the epilogue
       {
         const ActQuant quant = shared_act_quant({&l.linears[kGate], &l.linears[kUp]});
-        const DecodeActs a = s.prepare(*kt_, h_.data(), B_, hidden_, l.mlp_norm.data_ptr<float>(), eps_, quant);
+        const DecodeActs a = s.prepare(*kt_, h_.data(), B_, hidden_, l.mlp_norm.data_ptr<float>(), eps_, quant,
+                                       shared_act_scale({&l.linears[kGate], &l.linears[kUp]}));
         record(thread, a, h_.data());
         ItemCounter& counter = counters_[phase++];
         for (int64_t i = counter.take(); i < static_cast<int64_t>(gate_up_items_.size()); i = counter.take()) {
@@ -753,15 +783,16 @@ class NativeDecoder : public torch::CustomClassHolder {
       team_->barrier();
       // down + residual
       {
-        const DecodeActs a =
-            s.prepare(*kt_, act_.data(), B_, intermediate_, nullptr, eps_, act_quant(l.linears[kDown]));
+        const DecodeActs a = s.prepare(*kt_, act_.data(), B_, intermediate_, nullptr, eps_,
+                                       act_quant(l.linears[kDown]), l.linears[kDown].act_scale);
         record(thread, a);
         residual_phase(l.linears[kDown], a, down_items_, counters_[phase++], s);
       }
       team_->barrier();
     }
     // final norm and output head
-    const DecodeActs a = s.prepare(*kt_, h_.data(), B_, hidden_, final_norm_.data_ptr<float>(), eps_, act_quant(head_));
+    const DecodeActs a = s.prepare(*kt_, h_.data(), B_, hidden_, final_norm_.data_ptr<float>(), eps_, act_quant(head_),
+                                   head_.act_scale);
     record(thread, a, h_.data());
     ItemCounter& counter = counters_[phase++];
     for (int64_t i = counter.take(); i < static_cast<int64_t>(head_items_.size()); i = counter.take()) {

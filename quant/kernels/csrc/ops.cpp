@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <string>
 #include <vector>
@@ -142,7 +143,7 @@ void check_int8_weight(const at::Tensor& w, const at::Tensor& scale) {
 }
 
 at::Tensor int8_any(Kind kind, const at::Tensor& x, const at::Tensor& w_int8, const at::Tensor& scale,
-                    const std::optional<at::Tensor>& bias) {
+                    const std::optional<at::Tensor>& bias, float act_scale = 0.0f) {
   check_int8_weight(w_int8, scale);
   const at::Tensor w = w_int8.contiguous();
   const at::Tensor s = float_vector(scale, w.size(0), "scale");
@@ -152,6 +153,7 @@ at::Tensor int8_any(Kind kind, const at::Tensor& x, const at::Tensor& w_int8, co
   args.N = w.size(0);
   args.w_int8 = w.data_ptr<int8_t>();
   args.w_scale = s.data_ptr<float>();
+  args.act_scale = act_scale;
   return run(args, x, bias);
 }
 
@@ -174,6 +176,17 @@ at::Tensor int8_dynamic_linear(const at::Tensor& x, const at::Tensor& w_int8, co
   // the row's dot product is accumulated in int32: K * 127 * 128 must stay below 2^31
   TORCH_CHECK(w_int8.size(1) <= 65536, "int8_dynamic_linear: K > 65536 could overflow int32 accumulators");
   return int8_any(Kind::int8_row, x, w_int8, w_scale, bias);
+}
+
+// W8A8 static: every row quantized with the one calibrated activation scale (no absmax pass), then
+// the int8_row GEMM; activations beyond 127 x act_scale saturate, as the calibration chose.
+at::Tensor int8_static_linear(const at::Tensor& x, const at::Tensor& w_int8, const at::Tensor& w_scale,
+                              const at::Tensor& act_scale, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(w_int8.size(1) <= 65536, "int8_static_linear: K > 65536 could overflow int32 accumulators");
+  TORCH_CHECK(act_scale.numel() == 1, "int8_static_linear: act_scale must hold one value");
+  const float scale = act_scale.to(at::kFloat).item<float>();
+  TORCH_CHECK(scale > 0.0f && std::isfinite(scale), "int8_static_linear: act_scale must be finite and > 0");
+  return int8_any(Kind::int8_row, x, w_int8, w_scale, bias, scale);
 }
 
 // w[n, k] = code * scale + min, float32 [N, K]; even k in the low nibble.
@@ -240,6 +253,7 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
 TORCH_LIBRARY(quantserve, m) {
   m.def("int8_linear(Tensor x, Tensor w_int8, Tensor scale, Tensor? bias) -> Tensor");
   m.def("int8_dynamic_linear(Tensor x, Tensor w_int8, Tensor w_scale, Tensor? bias) -> Tensor");
+  m.def("int8_static_linear(Tensor x, Tensor w_int8, Tensor w_scale, Tensor act_scale, Tensor? bias) -> Tensor");
   m.def("int4_linear(Tensor x, Tensor packed, Tensor scales, Tensor mins, int group_size, Tensor? bias) -> Tensor");
   m.def("isa() -> str", &qs::isa);
   m.def("set_isa(str name) -> str", &qs::set_isa);
@@ -249,5 +263,6 @@ TORCH_LIBRARY(quantserve, m) {
 TORCH_LIBRARY_IMPL(quantserve, CPU, m) {
   m.impl("int8_linear", &qs::int8_linear);
   m.impl("int8_dynamic_linear", &qs::int8_dynamic_linear);
+  m.impl("int8_static_linear", &qs::int8_static_linear);
   m.impl("int4_linear", &qs::int4_linear);
 }

@@ -16,17 +16,18 @@ namespace {
 // Same codes and scales as quantize_rows (per 32-block, division by the scale, round half to
 // even), plus each block's float sum (int4 min term) and code sum (unsigned-operand offset).
 inline void quantize_row_impl(const float* x, int64_t K, int8_t* codes, float* scales, float* block_sums,
-                              int32_t* code_sums, bool per_row) {
+                              int32_t* code_sums, bool per_row, float fixed_scale) {
   const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
   float row_absmax = 0.0f;
-  if (per_row)
+  const bool fixed = per_row && fixed_scale > 0.0f;  // W8A8 static: no pass over the row for its absmax
+  if (per_row && !fixed)
     for (int64_t b = 0; b < K / kBlock; ++b) {
       const float m = block_absmax(x + b * kBlock);
       row_absmax = m > row_absmax ? m : row_absmax;
     }
   for (int64_t b = 0; b < K / kBlock; ++b) {
     const float* buf = x + b * kBlock;
-    const float scale = scale_of(per_row ? row_absmax : block_absmax(buf));
+    const float scale = fixed ? fixed_scale : scale_of(per_row ? row_absmax : block_absmax(buf));
     scales[b] = scale;
     block_sums[b] = block_sum(buf);
     const __m256i q = quantize_block(buf, scale);

@@ -141,8 +141,8 @@ inline void quantize_rows(const LinearArgs& a, int64_t m0, int64_t m1, bool per_
     float* sums = act.sums ? act.sums + m * act.groups : nullptr;
     if (sums)
       for (int64_t g = 0; g < act.groups; ++g) sums[g] = 0.0f;
-    float row_scale = 0.0f;
-    if (per_row) {
+    float row_scale = a.act_scale;  // > 0: calibrated (W8A8 static), used as is
+    if (per_row && row_scale <= 0.0f) {
       float amax = 0.0f;
       for (int64_t k0 = 0; k0 < a.K; k0 += kBlock) {
         load_block(a, m, k0, buf);
@@ -150,8 +150,8 @@ inline void quantize_rows(const LinearArgs& a, int64_t m0, int64_t m1, bool per_
         amax = b > amax ? b : amax;
       }
       row_scale = scale_of(amax);
-      scales[0] = row_scale;
     }
+    if (per_row) scales[0] = row_scale;
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t k0 = b * kBlock;
       load_block(a, m, k0, buf);

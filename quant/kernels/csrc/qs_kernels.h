@@ -52,6 +52,7 @@ struct LinearArgs {
   const uint16_t* scales;  // [N, K / group_size], fp16 bits (int8_g32: [N, K / 32])
   const uint16_t* mins;    // [N, K / group_size], fp16 bits
   int64_t group_size;
+  float act_scale;  // int8_row: > 0 is a calibrated per-tensor scale used for every row (W8A8 static)
 };
 
 // ---- the native decode step (decoder.cpp) ------------------------------------------
@@ -118,9 +119,10 @@ struct KernelTable {
 
   // -- decode step --
   // One row x[K] into codes/scales/block_sums/code_sums (same arithmetic as `quantize`); per_row:
-  // one scale for the whole row (int8_row, W8A8 dynamic), written to every block's slot.
+  // one scale for the whole row (int8_row, W8A8 dynamic), written to every block's slot;
+  // fixed_scale > 0 (with per_row): that calibrated scale instead of the row's absmax (W8A8 static).
   void (*quantize_row)(const float* x, int64_t K, int8_t* codes, float* scales, float* block_sums,
-                       int32_t* code_sums, bool per_row);
+                       int32_t* code_sums, bool per_row, float fixed_scale);
   // Tiles [t0, t1) for every row: y[m * ldy + (n - t0 * kTile)] for the tile's rows n
   // (all kTile rows of each tile are written, padding rows included).
   void (*packed_gemv)(const PackedMatrix& w, const DecodeActs& a, int64_t t0, int64_t t1, float* y, int64_t ldy);
