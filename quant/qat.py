@@ -23,7 +23,8 @@ from torch.nn.utils import parametrize
 from quant.config import QuantConfig
 from quant.layers.int4 import Int4WeightOnlyLinear
 from quant.layers.int8_grouped import Int8G32Linear
-from quant.primitives import affine_codes, grouped, quantize_affine
+from quant.primitives import _affine_step as affine_step  # the int4 step, shared so the grid is identical
+from quant.primitives import affine_codes, grouped
 
 QAT_MODES = ("int4",)  # modes whose grid is reproduced by round-to-nearest from on-grid weights
 
@@ -35,24 +36,39 @@ class QatModeError(ValueError):
 def int4_on_grid(weight: torch.Tensor, group_size: int) -> torch.Tensor:
     """`weight` rounded to the `int4` mode's grid, in float32: the values `Int4WeightOnlyLinear.from_linear`
     stores (min-max per group, scale and minimum rounded to float16 first, nearest code 0..15)."""
+    return _int4_on_grid(weight, group_size)[0]
+
+
+def _int4_on_grid(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(on-grid weight, mask of each group's minimum and maximum: the weights that set its grid)."""
     w = weight.detach().float()
-    _, scale, zero = quantize_affine(w, 4, group_size=group_size)
+    # quantize_affine's min-max parameters, without its codes (they are taken on the float16 grid below)
+    lo, hi = torch.aminmax(grouped(w, group_size), dim=-1, keepdim=True)
+    extremes = ((grouped(w, group_size) == lo) | (grouped(w, group_size) == hi)).reshape(w.shape)
+    scale = affine_step(lo, hi, 4)
+    zero = -lo / scale
     scales = scale.clamp_min(2.0**-24).to(torch.float16).float()
     mins = (-zero * scale).to(torch.float16).float()
     codes = affine_codes(grouped(w, group_size), scales, mins, bits=4).float()
-    return (codes * scales + mins).reshape(w.shape)
+    return (codes * scales + mins).reshape(w.shape), extremes
 
 
 class _StraightThrough(torch.autograd.Function):
-    """Forward: the on-grid weight, bit for bit (`w + (q - w).detach()` is off by rounding); backward: identity."""
+    """Forward: the on-grid weight, bit for bit (`w + (q - w).detach()` is off by rounding). Backward: the
+    identity, except for each group's minimum and maximum, which get no gradient: they set the group's
+    grid, and moving one would shift every code of its group at once, which the straight-through
+    estimate does not foresee. The grid stays put; the weights inside it learn their codes."""
 
     @staticmethod
     def forward(ctx, weight: torch.Tensor, group_size: int) -> torch.Tensor:  # type: ignore[override]
-        return int4_on_grid(weight, group_size).to(weight.dtype)
+        on_grid, extremes = _int4_on_grid(weight, group_size)
+        ctx.save_for_backward(extremes)
+        return on_grid.to(weight.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
-        return grad, None
+        (extremes,) = ctx.saved_tensors
+        return grad.masked_fill(extremes, 0.0), None
 
 
 class Int4FakeQuantize(nn.Module):

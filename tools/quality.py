@@ -126,6 +126,14 @@ class ReferenceLogProbs:
         self.table = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(positions, vocabulary))
         self.written = 0
 
+    @classmethod
+    def open(cls, path: Path) -> ReferenceLogProbs:
+        """A table another process wrote (read-only)."""
+        table = cls.__new__(cls)
+        table.path, table.table = path, np.load(path, mmap_mode="r")
+        table.written = table.table.shape[0]
+        return table
+
     def write(self, logprobs: torch.Tensor) -> None:
         rows = logprobs.shape[0]
         self.table[self.written : self.written + rows] = logprobs.float().cpu().numpy()
