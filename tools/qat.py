@@ -108,9 +108,10 @@ def train(
     tokens = 0
     started = time.perf_counter()
     bar = tqdm(total=steps, unit="step", disable=not show_progress, file=sys.stderr)
+    last_step_seconds = 0.0
     for step in range(steps):
         elapsed = time.perf_counter() - started
-        if elapsed > max_seconds:
+        if elapsed + last_step_seconds > max_seconds:  # the next step would end past the limit
             bar.write(f"stopping after {step} steps: --max-minutes reached")
             break
         progress = max(step / steps, elapsed / max_seconds)
@@ -127,6 +128,7 @@ def train(
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
+        last_step_seconds = time.perf_counter() - started - elapsed
         tokens += batch.numel()
         bar.update(1)
         bar.set_postfix(kl=f"{losses[-1]:.4f}", tokens=tokens)
