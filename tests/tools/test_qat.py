@@ -87,3 +87,15 @@ def test_a_budget_beyond_the_text_names_the_variable(tiny_model_dir: Path, tmp_p
     args = ["--model", str(tiny_model_dir), "--mode", "int4", "--out", str(tmp_path / "x")]
     assert qat.main([*args, "--calibration-file", str(short), "--calibration-tokens", "4096"]) == 2
     assert "QS_CALIBRATION_TOKENS" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.real_model
+def test_default_model_checkpoint_serves_its_trained_int4_weights_exactly(tmp_path: Path, cache_dir: Path) -> None:
+    out = tmp_path / "qat"
+    args = ["--mode", "int4", "--group-size", "64", "--out", str(out), "--cache-dir", str(cache_dir), "--steps", "2"]
+    assert qat.main([*args, "--calibration-tokens", "512", "--sequence-length", "256", "--lr", "1e-4"]) == 0
+    assert json.loads((out / "qat.json").read_text())["tokens_seen"] == 512
+    model, _, _ = load_float_model(str(out))
+    report = quant.quantize_(model, quant.make_config("int4", quant.QuantOptions(group_size=64)))
+    assert report.layers_quantized == 211 and report.error_summary()["exact"]  # 210 linears and the int8 head
