@@ -92,8 +92,12 @@ def test_results_json_has_every_measured_field(bench_run):
     assert int8["weight_bytes"] == tiny.int8_model_bytes()
     assert fp32["weight_ratio"] == 1.0
     assert int8["weight_ratio"] == pytest.approx(tiny.int8_model_bytes() / tiny.fp32_model_bytes())
-    assert fp32["top1_agreement"] == 1.0
+    assert fp32["top1_agreement"] == 1.0 and fp32["top1_differs"] == 0.0
     assert fp32["perplexity_increase"] == 0.0
+    # KL against fp32's log-probabilities, which the reference job left for the others
+    assert fp32["kl_mean"] == 0.0 and 0 < int8["kl_mean"] <= int8["kl_p99"]
+    assert int8["top1_differs"] == pytest.approx(1 - int8["top1_agreement"])
+    assert fp32["quantize_seconds"] > 0 and int8["quantize_seconds"] > 0 and int8["calibration_seconds"] is None
     assert isinstance(int8["perplexity_increase"], float)
     assert int8["layers_quantized"] > 0 and fp32["layers_quantized"] == 0
     assert document["machine"]["torch"]

@@ -152,3 +152,109 @@ def test_wikitext2_perplexity_increase_within_bound(mode: str, wikitext_results)
     result, reference = wikitext_results[mode], wikitext_results[quant.REFERENCE_MODE]
     increase = result.perplexity / reference.perplexity - 1
     assert increase <= PPL_BOUND[mode], f"{mode}: perplexity {result.perplexity:.3f}, {100 * increase:+.2f}% vs fp32"
+
+
+def test_kl_per_position_is_the_textbook_sum() -> None:
+    torch.manual_seed(0)
+    reference, mode = torch.log_softmax(torch.randn(4, 50), -1), torch.log_softmax(torch.randn(4, 50), -1)
+    expected = (reference.exp() * (reference - mode)).sum(-1)
+    torch.testing.assert_close(quality.kl_per_position(reference, mode), expected)
+    assert torch.equal(quality.kl_per_position(reference, reference), torch.zeros(4))
+
+
+def test_reference_log_probs_come_back_exactly_from_their_file(tmp_path: Path) -> None:
+    table = quality.ReferenceLogProbs(tmp_path / "ref.npy", positions=7, vocabulary=11)
+    first, second = torch.randn(3, 11), torch.randn(4, 11)
+    table.write(first)
+    table.write(second)
+    assert torch.equal(table.read(0, 3), first) and torch.equal(table.read(3, 4), second)
+
+
+def test_evaluate_reports_kl_against_fp32_and_quantization_time(tiny_model_dir: Path) -> None:
+    results = list(
+        quality.evaluate(["int4"], model=str(tiny_model_dir), max_tokens=300, context=128, stride=96, progress=None)
+    )
+    fp32, int4 = results
+    assert fp32.kl_mean == 0.0 and fp32.kl_p99 == 0.0 and fp32.top1_differs == 0.0
+    assert 0 < int4.kl_mean <= int4.kl_p99
+    assert int4.top1_differs == pytest.approx(1 - int4.agreement)
+    assert int4.quantize_seconds > 0 and int4.calibration_seconds is None and not int4.warnings
+    # the same KL, recomputed from both models' own log-probs over the same windows
+    ids = quality.tokenize(load_float_model(str(tiny_model_dir))[1], quality.load_text(None), 300)
+    logprobs = {}
+    for mode in ("fp32", "int4"):
+        model, _, _ = load_float_model(str(tiny_model_dir))
+        quant.quantize_(model, quant.make_config(mode))
+        with torch.no_grad():
+            rows = [
+                torch.log_softmax(model(input_ids=ids[w.begin : w.end][None]).logits[0].float(), -1)[
+                    w.first_target - w.begin - 1 : w.end - w.begin - 1
+                ]
+                for w in quality.sliding_windows(len(ids), 128, 96)
+            ]
+        logprobs[mode] = torch.cat(rows)
+    direct = quality.kl_per_position(logprobs["fp32"], logprobs["int4"])
+    assert int4.kl_mean == pytest.approx(direct.mean().item(), rel=1e-3)
+    table = quality.format_table(results)
+    assert "KL mean" in table and f"{int4.kl_mean:.4f}" in table
+
+
+def test_a_mode_on_another_checkpoint_is_compared_with_the_same_reference(
+    tiny_model_dir: Path, tmp_path: Path, capsys
+) -> None:
+    other = tmp_path / "other"
+    model, tokenizer, _ = load_float_model(str(tiny_model_dir))
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(1.5)
+    model.save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    out = tmp_path / "results.json"
+    args = ["--model", str(tiny_model_dir), "--modes", f"fp32@{other}", "--max-tokens", "200", "--context", "128"]
+    args += ["--stride", "128"]
+    assert quality.main([*args, "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["mode"] for r in rows] == ["fp32", f"fp32@{other}"]
+    assert rows[1]["kl_mean"] > 0 and rows[1]["perplexity"] != rows[0]["perplexity"]
+    assert f"| fp32@{other} |" in capsys.readouterr().out
+
+
+def test_eval_warns_loudly_when_a_checkpoint_was_trained_on_the_evaluation_text(
+    tiny_model_dir: Path, tmp_path: Path, capsys
+) -> None:
+    text = tmp_path / "text.txt"
+    text.write_text(quality.load_text(None)[:20000])
+    checkpoint = tmp_path / "qat"
+    model, tokenizer, _ = load_float_model(str(tiny_model_dir))
+    model.save_pretrained(checkpoint)
+    tokenizer.save_pretrained(checkpoint)
+    (checkpoint / "qat.json").write_text(json.dumps({"calibration_source": str(text.resolve())}))
+    out = tmp_path / "results.json"
+    args = ["--model", str(tiny_model_dir), "--modes", f"int4@{checkpoint}", "--max-tokens", "150", "--context", "128"]
+    args += ["--stride", "128"]
+    assert quality.main([*args, "--text", str(text), "--json", str(out), "--no-kl"]) == 0
+    printed = capsys.readouterr()
+    assert printed.out.startswith("WARNING: the evaluation text") and "trained (quantserve-qat)" in printed.out
+    assert -1 < printed.err.find("WARNING: the evaluation text") < printed.err.find("[fp32]")  # before the runs
+    assert all(r["warnings"] and r["kl_mean"] is None for r in json.loads(out.read_text()))
+    # another text: no warning
+    other = tmp_path / "other.txt"
+    other.write_text(quality.load_text(None)[20000:40000])
+    assert quality.main([*args, "--text", str(other), "--no-kl"]) == 0
+    assert "WARNING" not in capsys.readouterr().out
+
+
+def test_calibration_warning_names_a_calibrated_mode_fitted_to_the_text(tmp_path: Path) -> None:
+    from quant.config import CalibratedConfig
+
+    text = tmp_path / "text.txt"
+    text.write_text("some calibration text")
+
+    class Calibrated(CalibratedConfig):  # the check reads only the config's name, flag and file
+        name = "calibrated-test"
+
+    same = Calibrated(calibration_file=str(text))
+    other = Calibrated(calibration_file="")
+    assert "calibrated-test is calibrated on the evaluation text" in quality.calibration_warnings(text, [same], [])[0]
+    assert quality.calibration_warnings(text, [other], []) == []
+    # the default evaluation text is the default calibration text
+    assert quality.calibration_warnings(None, [other], [])

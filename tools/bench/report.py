@@ -78,9 +78,10 @@ def _percent(value: float | None, signed: bool = False) -> str:
 
 
 TABLE_HEADER = (
-    "| mode | weights MiB | × fp32 | peak RSS MiB | load s | prefill tok/s | decode tok/s | 1-stream tok/s | "
-    "{concurrency}-stream tok/s | TTFT p50/p95 ms | TPOT p50/p95 ms | perplexity | Δ ppl | top-1 agree |\n"
-    "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n"
+    "| mode | weights MiB | × fp32 | peak RSS MiB | load s | quantize s | prefill tok/s | decode tok/s | "
+    "1-stream tok/s | {concurrency}-stream tok/s | TTFT p50/p95 ms | TPOT p50/p95 ms | perplexity | Δ ppl | "
+    "top-1 agree | KL mean | KL p99 |\n"
+    "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n"
 )
 
 
@@ -92,6 +93,7 @@ def table_row(row: BenchRow) -> str:
         _num(row.weight_ratio, 3),
         _mib(row.peak_rss_bytes),
         _num(row.load_seconds),
+        _quantize_seconds(row),
         _num(row.prefill_tok_s),
         _num(row.decode_tok_s),
         _num(row.single_stream_tok_s),
@@ -101,8 +103,16 @@ def table_row(row: BenchRow) -> str:
         _num(row.perplexity, 3),
         _percent(row.perplexity_increase, signed=True),
         _percent(row.top1_agreement),
+        _num(row.kl_mean, 4),
+        _num(row.kl_p99, 4),
     ]
     return "| " + " | ".join(cells) + " |\n"
+
+
+def _quantize_seconds(row: BenchRow) -> str:
+    """The quantization time, with the calibration's own when the mode calibrates (what a first start pays)."""
+    text = _num(row.quantize_seconds, 2)
+    return text if row.calibration_seconds is None else f"{text} (calibration {row.calibration_seconds:.1f})"
 
 
 def render_table(rows: list[BenchRow], concurrency: int) -> str:
@@ -315,7 +325,11 @@ def _method(options: dict[str, Any], document: dict[str, Any]) -> str:
         "after the first) are those of the concurrent streams.",
         f"- **perplexity**, **top-1 agree** (share of positions whose most likely next token equals {REFERENCE_MODE}'s): "
         f"`tools.quality` over the first {options['max_tokens']} tokens of {text}; Δ ppl is relative to "
-        f"{REFERENCE_MODE}.",
+        f"{REFERENCE_MODE}. **KL mean**, **KL p99**: KL({REFERENCE_MODE} ‖ mode) of the next-token distributions "
+        "at each scored position, in nats (as llama.cpp's `--kl-divergence`), exact: the reference's float32 "
+        "log-probabilities are kept in a temporary file.",
+        "- **quantize s**: the quantization alone, inside load s (a calibrated mode's calibration, or the read of "
+        "its cache, included; its calibration time in brackets).",
         "- Timings come from one run on a shared machine: compare modes within this table, not across runs.",
     ]
     if options.get("llama_cpp"):

@@ -29,6 +29,8 @@ class BenchRow:
 
     # load and memory, measured in the mode's own worker process
     load_seconds: float | None = None  # read the float checkpoint and quantize it, as the service does
+    quantize_seconds: float | None = None  # the quantization alone (calibration or its cache included)
+    calibration_seconds: float | None = None  # calibrated modes: the calibration run (its original time on a hit)
     weight_bytes: int | None = None
     fp32_weight_bytes: int | None = None  # the same model before quantization
     weight_ratio: float | None = None  # weight_bytes / fp32_weight_bytes
@@ -57,6 +59,9 @@ class BenchRow:
     quality_tokens: int | None = None
     perplexity: float | None = None
     top1_agreement: float | None = None
+    top1_differs: float | None = None  # 1 - top1_agreement, as llama.cpp's KL report words it
+    kl_mean: float | None = None  # KL(reference ‖ mode) of the next-token distributions, nats: mean over positions
+    kl_p99: float | None = None  # and its 99th percentile
     perplexity_increase: float | None = None  # perplexity / reference perplexity - 1
 
     # wall time of each phase (load, prefill, decode, quality in the worker; serve in the parent;

@@ -40,7 +40,7 @@ class WorkerSpec:
     max_tokens: int  # quality token budget; 0 skips quality
     context: int  # quality window and stride, as in `tools.quality`
     stride: int
-    reference_path: str | None  # fp32 predictions for the agreement score
+    reference_path: str | None  # fp32 predictions for the agreement score (its log-probs, for KL, beside it)
     is_reference: bool  # this job writes `reference_path` instead of reading it
     measure_speed: bool = True
 
@@ -146,6 +146,8 @@ def run_mode(spec: WorkerSpec, result: BenchRow, phases: Phases) -> None:
             "layers_quantized": report.layers_quantized,
             "layers_fallback": report.layers_fallback,
             "load_seconds": loaded.load_seconds,
+            "quantize_seconds": report.quantize_seconds,
+            "calibration_seconds": None if report.calibration is None else report.calibration.seconds,
             "weight_bytes": report.total_weight_bytes,
         }
     )
@@ -169,24 +171,39 @@ def run_mode(spec: WorkerSpec, result: BenchRow, phases: Phases) -> None:
 
 
 def score_quality(spec: WorkerSpec, model: Any, tokenizer: Any, text: str) -> dict[str, Any]:
-    """Perplexity and top-1 agreement with the reference, by `tools.quality` on its windows of the text."""
+    """Perplexity, top-1 agreement and KL divergence against the reference, by `tools.quality` on its
+    windows of the text. The reference job writes its log-probabilities (float32, exact) beside
+    `reference_path`; the other jobs read them."""
     ids = quality.tokenize(tokenizer, text, spec.max_tokens)
+    reference_path = Path(spec.reference_path) if spec.reference_path else None
+    logprobs_path = None if reference_path is None else reference_path.with_name("reference-logprobs.npy")
+    logprobs = None
+    if spec.is_reference and logprobs_path is not None:
+        vocabulary = model.get_output_embeddings().out_features
+        logprobs = quality.ReferenceLogProbs(logprobs_path, len(ids) - 1, vocabulary)
+    elif logprobs_path is not None and logprobs_path.exists():
+        logprobs = quality.ReferenceLogProbs.open(logprobs_path)
     scores = quality.score(
         model,
         ids,
         spec.context,
         spec.stride,
         on_window=lambda done, total: emit("progress", done=done, total=total),
+        reference=logprobs,
+        write_reference=spec.is_reference,
     )
-    reference_path = Path(spec.reference_path) if spec.reference_path else None
     if spec.is_reference and reference_path is not None:
         torch.save(scores.top1, reference_path)
     reference = torch.load(reference_path) if reference_path and reference_path.exists() else None
+    # None when the reference job failed: no agreement or KL to report
+    agreement = None if reference is None else (scores.top1 == reference).float().mean().item()
     return {
         "quality_tokens": scores.count,
         "perplexity": math.exp(scores.nll_sum / scores.count),
-        # None when the reference job failed: no agreement to report
-        "top1_agreement": None if reference is None else (scores.top1 == reference).float().mean().item(),
+        "top1_agreement": agreement,
+        "top1_differs": None if agreement is None else 1.0 - agreement,
+        "kl_mean": None if scores.kl is None else scores.kl.mean().item(),
+        "kl_p99": None if scores.kl is None else torch.quantile(scores.kl.double(), 0.99).item(),
     }
 
 
