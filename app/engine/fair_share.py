@@ -7,8 +7,10 @@ and turns are handed out by used time, as a fair-queueing scheduler does: among 
 waiting, the one with the least weighted time used goes next. A busy mode therefore gets its
 share and no more; a mode that waits gets the next turn within one step of each busier mode.
 
-A worker that was idle cannot save up credit: on arrival its clock is raised to the lowest
-clock among those waiting or running, so it competes from there. A low weight (the shadow
+A worker that was idle (away longer than `IDLE_AFTER`) cannot save up credit: on arrival its
+clock is raised to the lowest clock among those waiting or running, so it competes from there.
+A worker that comes straight back for its next step keeps its clock: raising it then would
+charge it for the turn another took in between. A low weight (the shadow
 scorer's) makes each second of its work count for more, so under load it gets
 weight / (sum of the busy weights) of the time, and all of the idle time.
 
@@ -22,6 +24,9 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+# Seconds away from the share after which a participant counts as having been idle.
+IDLE_AFTER = 0.01
+
 
 class FairShare:
     def __init__(self) -> None:
@@ -31,6 +36,7 @@ class FairShare:
         self._used: dict[str, float] = {}  # seconds used, unweighted (for reports and tests)
         self._waiting: set[str] = set()
         self._holder: str | None = None
+        self._released_at: dict[str, float] = {}
 
     def join(self, name: str, weight: float = 1.0) -> None:
         """Register a participant (before its first turn)."""
@@ -60,7 +66,8 @@ class FairShare:
             contenders = [self._clocks[n] for n in self._waiting] + (
                 [self._clocks[self._holder]] if self._holder is not None else []
             )
-            if contenders:  # no credit for idle time
+            idle = time.perf_counter() - self._released_at.get(name, float("-inf")) > IDLE_AFTER
+            if contenders and idle:  # no credit for idle time
                 self._clocks[name] = max(self._clocks[name], min(contenders))
             self._waiting.add(name)
             while self._holder is not None or self._next() != name:
@@ -76,6 +83,7 @@ class FairShare:
                 self._clocks[name] += spent / self._weights[name]
                 self._used[name] += spent
                 self._holder = None
+                self._released_at[name] = time.perf_counter()
                 self._cond.notify_all()
 
     def _next(self) -> str:
