@@ -2,6 +2,7 @@
 
     python -m tools.quality --modes fp32,int8,int4 --text ../shared/data/wikitext-2/test.txt
     quantserve-eval --modes all            # the same, as the console script
+    quantserve-eval --modes int8,int4 --replay traffic.jsonl   # your own traffic: see tools/replay.py
 
 Perplexity uses a fixed context window slid by a stride (Hugging Face's
 "perplexity of fixed-length models" recipe): each window scores only the tokens
@@ -244,7 +245,40 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="default: QS_CACHE_DIR")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    replay = parser.add_argument_group("replay a traffic sample (tools/replay.py) instead of scoring a text")
+    replay.add_argument("--replay", type=Path, help="JSONL of requests: prompt / inputs / messages per line")
+    replay.add_argument("--max-new-tokens", type=int, default=64, help="longest answer per request")
+    replay.add_argument("--reference", default=REFERENCE_MODE, help="the mode answers are scored against")
     return parser.parse_args(argv)
+
+
+def replay_main(args: argparse.Namespace, modes: list[str], options: QuantOptions) -> int:
+    from tools.replay import format_table as replay_table
+    from tools.replay import read_traffic, replay, to_json
+
+    try:
+        traffic = read_traffic(args.replay)
+    except (OSError, ValueError) as error:
+        print(error, file=sys.stderr)
+        return 2
+    knobs = {name: getattr(options, name) for name in QuantOptions.knob_names()}
+    results = replay(
+        traffic,
+        modes,
+        reference=args.reference,
+        max_new_tokens=args.max_new_tokens,
+        model=args.model,
+        cache_dir=args.cache_dir,
+        device=args.device,
+        max_total_tokens=1_000_000,
+        max_input_tokens=999_999,
+        **knobs,
+    )
+    print(f"{len(traffic)} requests from {args.replay}, greedy, at most {args.max_new_tokens} new tokens each")
+    print(replay_table(results))
+    if args.json:
+        args.json.write_text(to_json(results))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -259,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(error, file=sys.stderr)
         return 2
+    if args.replay is not None:
+        return replay_main(args, modes, options)
     results = []
     try:
         for result in evaluate(
