@@ -26,7 +26,7 @@ def test_traffic_lines_in_every_api_shape(tmp_path):
     traffic = read_traffic(write_traffic(tmp_path / "t.jsonl", TRAFFIC))
     assert [(r.text, r.max_new_tokens) for r in traffic] == [("Hello there", 6), ("The list of", 20), (None, None)]
     assert traffic[2].messages == [{"role": "user", "content": "Say hi"}]
-    with pytest.raises(ValueError, match="t2.jsonl:2"):
+    with pytest.raises(ValueError, match=r"t2\.jsonl:2"):
         read_traffic(write_traffic(tmp_path / "t2.jsonl", [{"prompt": "x"}, {"max_tokens": 3}]))
 
 
