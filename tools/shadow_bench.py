@@ -69,6 +69,8 @@ def measure(args: argparse.Namespace, logs: Path) -> dict[str, object]:
                 print(f"round {number + 1} {name}: {result.tokens_per_second:.1f} tok/s", file=sys.stderr)
         info = httpx.get(f"{urls['shadowed']}/info", timeout=10).json()
     plain, shadowed_median = statistics.median(rounds["plain"]), statistics.median(rounds["shadowed"])
+    # each round's two windows ran back to back: their ratio sees less of the machine's drift
+    paired = [s / p for s, p in zip(rounds["shadowed"], rounds["plain"], strict=True)]
     turns = info.get("cpu_seconds_by_party") or {}
     served_turns, shadow_turns = turns.get(args.mode, 0.0), turns.get("shadow", 0.0)
     return {
@@ -82,6 +84,8 @@ def measure(args: argparse.Namespace, logs: Path) -> dict[str, object]:
         "median_plain": plain,
         "median_shadowed": shadowed_median,
         "ratio": shadowed_median / plain,
+        "paired_ratios": paired,
+        "median_paired_ratio": statistics.median(paired),
         "shadow": info.get("shadow"),
         "cpu_seconds_by_party": turns,
         "turn_ratio": served_turns / (served_turns + shadow_turns) if served_turns else None,
@@ -117,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"medians {figures['median_shadowed']:.1f} / {figures['median_plain']:.1f} = {figures['ratio']:.3f}; "
+        f"median of the rounds' ratios {figures['median_paired_ratio']:.3f}; "
         f"shadow {figures['shadow']}; turn seconds {figures['cpu_seconds_by_party']}; "
         f"turn ratio {args.mode} / ({args.mode} + shadow) = {figures['turn_ratio']:.3f}"
     )
