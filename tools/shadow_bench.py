@@ -46,10 +46,10 @@ def measure(args: argparse.Namespace, logs: Path) -> dict[str, object]:
     shadowed = {**common, "QS_SHADOW_REFERENCE": args.reference, "QS_SHADOW_SAMPLE": str(args.sample)}
     rounds: dict[str, list[float]] = {"plain": [], "shadowed": []}
     with ExitStack() as stack:
-        urls = {
-            "plain": _server(stack, spec, common, logs / "plain.log"),
-            "shadowed": _server(stack, spec, shadowed, logs / "shadowed.log"),
-        }
+        # which server starts first (a second run with the other order tells the order's effect apart)
+        environments = {"plain": common, "shadowed": shadowed}
+        started = ("shadowed", "plain") if args.shadowed_first else ("plain", "shadowed")
+        urls = {name: _server(stack, spec, environments[name], logs / f"{name}.log") for name in started}
         for url in urls.values():  # warm-up: first requests pay one-off costs
             asyncio.run(run_load(url, args.clients, max_new_tokens=8, requests_per_client=1))
         for number in range(args.rounds):
@@ -77,6 +77,7 @@ def measure(args: argparse.Namespace, logs: Path) -> dict[str, object]:
         "mode": args.mode,
         "reference": args.reference,
         "sample": args.sample,
+        "started_first": started[0],
         "clients": args.clients,
         "max_new_tokens": args.max_new_tokens,
         "requests_per_round": args.clients * args.requests_per_client,
@@ -101,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--requests-per-client", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3, help="measurements of each server, alternated")
+    parser.add_argument("--shadowed-first", action="store_true", help="start the shadowed server first")
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--cache-dir", type=Path, default=default_cache_dir())
     parser.add_argument("--logs", type=Path, help="server logs here (default: a temporary directory)")
