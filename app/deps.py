@@ -7,6 +7,7 @@ dependency per request that, under load, costs the event loop more than the requ
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -27,12 +28,21 @@ async def get_service(request: Request) -> ModelService:
 Service = Annotated[ModelService, Depends(get_service)]
 
 
-async def get_tgi(service: Service) -> TgiApi:
-    return TgiApi(service)
+def _label_request(request: Request) -> Callable[[str], None]:
+    """What the adapters call with the mode a request picked: the request metrics are labelled with it."""
+
+    def note(precision: str) -> None:
+        request.state.precision = precision
+
+    return note
 
 
-async def get_openai(service: Service) -> OpenAIApi:
-    return OpenAIApi(service)
+async def get_tgi(service: Service, request: Request) -> TgiApi:
+    return TgiApi(service, _label_request(request))
+
+
+async def get_openai(service: Service, request: Request) -> OpenAIApi:
+    return OpenAIApi(service, _label_request(request))
 
 
 Tgi = Annotated[TgiApi, Depends(get_tgi)]

@@ -89,6 +89,7 @@ def create_app(settings: Settings | None = None, loader=None, *, exit_on_load_fa
                 response.status_code,
                 getattr(request.state, "error_type", "none"),
                 time.perf_counter() - started,
+                getattr(request.state, "precision", None),
             )
         return response
 

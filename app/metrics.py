@@ -1,9 +1,12 @@
-"""Prometheus metrics of one served model.
+"""Prometheus metrics of one served model, in one or several precision modes.
 
 Every series carries the `model` and `precision` labels, so one Prometheus can
 compare precision modes side by side; generation series (latency, tokens,
-batching) add `backend`. Label values are bounded: the model and mode are fixed
-per process, routes are route templates, `error_type` is a fixed set.
+batching) add `backend`. Label values are bounded: the model and modes are fixed
+per process, routes are route templates, `error_type` is a fixed set. A process that
+serves several modes has one registry and one `ServiceMetrics` view per mode
+(`for_mode`), which labels what it records with its mode; the shadow scorer's series
+add `reference`, the mode the answers are scored against.
 
 Memory (resident set, CUDA allocator) is read at scrape time by a collector,
 so a scrape always sees the current figure.
@@ -14,6 +17,7 @@ live in one process without clashing.
 
 from __future__ import annotations
 
+import copy
 import resource
 import sys
 from collections.abc import Iterator
@@ -36,10 +40,15 @@ LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 0.75, 
 PER_TOKEN_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5)
 TOKEN_COUNT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
+# Per-token KL divergence in nats: a faithful mode sits at 1e-4..1e-2, a broken one above 1.
+KL_BUCKETS = (1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1, 3, 10)
+POSITION_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
 BASE_LABELS = ("model", "precision")
 GENERATION_LABELS = (*BASE_LABELS, "backend")
 INFO_LABELS = (*GENERATION_LABELS, "bits", "group_size", "kernel", "device", "compute_dtype")
+SHADOW_LABELS = (*BASE_LABELS, "reference")
+SHADOW_OUTCOMES = ("scored", "failed", "dropped")
 
 
 class ServiceMetrics:
@@ -135,7 +144,75 @@ class ServiceMetrics:
             INFO_LABELS,
             registry=r,
         )
+        self.shadow_kl = Histogram(
+            "qs_shadow_kl_divergence",
+            "Per generated token of a shadowed request: KL(reference || served mode) of the next-token "
+            "distributions, in nats",
+            SHADOW_LABELS,
+            buckets=KL_BUCKETS,
+            registry=r,
+        )
+        self.shadow_tokens = Counter(
+            "qs_shadow_tokens_total", "Generated tokens scored against the reference", SHADOW_LABELS, registry=r
+        )
+        self.shadow_top1_agreements = Counter(
+            "qs_shadow_top1_agreements_total",
+            "Scored tokens whose most likely next token is the same in the served mode and the reference",
+            SHADOW_LABELS,
+            registry=r,
+        )
+        self.shadow_first_divergence = Histogram(
+            "qs_shadow_first_divergence_position",
+            "Per shadowed answer where it happens: index of the first generated token that differs from the "
+            "reference's greedy choice",
+            SHADOW_LABELS,
+            buckets=POSITION_BUCKETS,
+            registry=r,
+        )
+        self.shadow_replays = Counter(
+            "qs_shadow_replays_total",
+            "Shadow replays by outcome: scored, failed (counted and dropped), dropped (the replay queue was full)",
+            [*SHADOW_LABELS, "outcome"],
+            registry=r,
+        )
+        self._modes = [self]  # every view of this registry, for the memory collector
         r.register(_MemoryCollector(self))
+
+    def for_mode(self, precision: str) -> ServiceMetrics:
+        """A view on the same registry and series that records with `precision` as its label."""
+        view = copy.copy(self)
+        view.labels = {**self.labels, "precision": precision}
+        view.generation_labels = {**view.labels, "backend": quant.get_mode(precision).backend}
+        view.device = None
+        view.engine_failures.labels(**view.labels)
+        self._modes.append(view)
+        return view
+
+    def start_shadow(self, reference: str) -> None:
+        """Create this mode's shadow series at zero, so agreement and rates exist before the first replay."""
+        labels = {**self.labels, "reference": reference}
+        for metric in (self.shadow_kl, self.shadow_tokens, self.shadow_top1_agreements, self.shadow_first_divergence):
+            metric.labels(**labels)
+        for outcome in SHADOW_OUTCOMES:
+            self.shadow_replays.labels(**labels, outcome=outcome)
+
+    def observe_shadow(
+        self, reference: str, kl_per_token: list[float], top1_agreements: int, first_divergence: int | None
+    ) -> None:
+        """One scored replay of this mode's answer on `reference`."""
+        labels = {**self.labels, "reference": reference}
+        histogram = self.shadow_kl.labels(**labels)
+        for value in kl_per_token:
+            histogram.observe(value)
+        self.shadow_tokens.labels(**labels).inc(len(kl_per_token))
+        self.shadow_top1_agreements.labels(**labels).inc(top1_agreements)
+        if first_divergence is not None:
+            self.shadow_first_divergence.labels(**labels).observe(first_divergence)
+        self.shadow_replays.labels(**labels, outcome="scored").inc()
+
+    def count_shadow(self, reference: str, outcome: str) -> None:
+        """A replay that failed or was dropped."""
+        self.shadow_replays.labels(**self.labels, reference=reference, outcome=outcome).inc()
 
     def set_model_info(self, report: quant.QuantReport, device: torch.device) -> None:
         """Called once the model is loaded and quantized, before the engine serves."""
@@ -165,9 +242,13 @@ class ServiceMetrics:
             metric.labels(**self.generation_labels)
         self.set_scheduler_state(0, 0)
 
-    def observe_request(self, route: str, status: int, error_type: str, seconds: float) -> None:
-        self.requests.labels(**self.labels, route=route, status=str(status), error_type=error_type).inc()
-        self.request_duration.labels(**self.labels, route=route).observe(seconds)
+    def observe_request(
+        self, route: str, status: int, error_type: str, seconds: float, precision: str | None = None
+    ) -> None:
+        """One HTTP request; `precision`: the mode it picked (default: this view's)."""
+        labels = self.labels if precision is None else {**self.labels, "precision": precision}
+        self.requests.labels(**labels, route=route, status=str(status), error_type=error_type).inc()
+        self.request_duration.labels(**labels, route=route).observe(seconds)
 
     def observe_generation(
         self,
@@ -233,23 +314,27 @@ class _MemoryCollector(Collector):
         self._metrics = metrics
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        labels = self._metrics.labels
+        # the process is shared: in a multi-mode process each mode's series shows the whole process
+        label_sets = [view.labels for view in self._metrics._modes if view is not self._metrics] or [
+            self._metrics.labels
+        ]
         memory = process_memory()
         if memory.resident is not None:
-            yield self._gauge(
-                "qs_process_resident_memory_bytes", "Resident memory of the process", labels, memory.resident
+            yield self._gauges(
+                "qs_process_resident_memory_bytes", "Resident memory of the process", label_sets, memory.resident
             )
         if memory.resident_file is not None:
-            yield self._gauge(
+            yield self._gauges(
                 "qs_process_resident_memory_file_bytes",
                 "Part of the resident memory backed by files (memory-mapped checkpoint, libraries); reclaimable",
-                labels,
+                label_sets,
                 memory.resident_file,
             )
-        yield self._gauge(
-            "qs_process_resident_memory_peak_bytes", "Peak resident memory of the process", labels, memory.peak
+        yield self._gauges(
+            "qs_process_resident_memory_peak_bytes", "Peak resident memory of the process", label_sets, memory.peak
         )
-        device = self._metrics.device
+        labels = label_sets[0]
+        device = self._metrics.device or next((v.device for v in self._metrics._modes if v.device), None)
         if device is None or device.type != "cuda":
             return
         import torch  # only reached on a CUDA device, where torch is loaded already
@@ -273,6 +358,13 @@ class _MemoryCollector(Collector):
             cuda_labels,
             torch.cuda.memory_reserved(device),
         )
+
+    @staticmethod
+    def _gauges(name: str, documentation: str, label_sets: list[dict[str, str]], value: float) -> GaugeMetricFamily:
+        family = GaugeMetricFamily(name, documentation, labels=list(label_sets[0]))
+        for labels in label_sets:
+            family.add_metric(list(labels.values()), value)
+        return family
 
     @staticmethod
     def _gauge(name: str, documentation: str, labels: dict[str, str], value: float) -> GaugeMetricFamily:

@@ -1,7 +1,12 @@
-"""Load the served model (via `quant.checkpoints`) and apply the precision mode."""
+"""Load the served model (via `quant.checkpoints`) and apply the precision mode.
+
+`load_model` builds ONE mode (`settings.precision` is a single mode here). Several modes
+in one process (`app.modes`) load the float model once (`load_float`) and pass a copy of
+it to `load_model` per mode."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import dataclass
@@ -38,7 +43,24 @@ def resolve_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
-def load_model(settings: Settings) -> LoadedModel:
+@dataclass
+class FloatModel:
+    """The float32 checkpoint as loaded, before any mode touches it: what each mode is built from."""
+
+    model: nn.Module
+    tokenizer: Any
+    model_id: str
+
+
+def load_float(settings: Settings) -> FloatModel:
+    device = resolve_device(settings.device)
+    return FloatModel(*load_float_model(settings.model, settings.cache_dir, device.type))
+
+
+def load_model(settings: Settings, base: FloatModel | None = None, copy_base: bool = True) -> LoadedModel:
+    """Build one precision mode: a pre-quantized checkpoint as stored; else from `base` when given (a copy
+    of it, so it stays float, unless `copy_base` is false: the last mode built from it takes it), else
+    from a fresh load of the float model."""
     started = time.perf_counter()
     device = resolve_device(settings.device)
     configure_kernels(kernels=settings.kernels, isa=settings.kernel_isa)
@@ -49,10 +71,24 @@ def load_model(settings: Settings) -> LoadedModel:
         return LoadedModel(model, tokenizer, model_id, device, report, time.perf_counter() - started)
     config = quant.make_config(settings.precision, settings.quant_options(device.type))
     config.check_available()  # fail before spending time on loading
-    model, tokenizer, model_id = load_float_model(settings.model, settings.cache_dir, device.type)
+    if base is None:
+        model, tokenizer, model_id = load_float_model(settings.model, settings.cache_dir, device.type)
+    else:
+        model = copy.deepcopy(base.model) if copy_base else base.model
+        tokenizer, model_id = base.tokenizer, base.model_id
     calibration = CalibrationContext(tokenizer, model_id, settings.cache_dir)  # read by calibrated modes only
     report = quant.quantize_(model, config, calibration=calibration)
     return LoadedModel(model, tokenizer, model_id, device, report, time.perf_counter() - started)
+
+
+def kv_cache_bytes(model: nn.Module, slots: int, max_len: int, bytes_per_value: int = 4) -> int:
+    """Bytes of a static K and V cache for `slots` sequences of `max_len` tokens (float32 by default,
+    what the native and lean runners keep)."""
+    config = model.config
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return 2 * config.num_hidden_layers * slots * kv_heads * max_len * head_dim * bytes_per_value
 
 
 def eos_token_ids(loaded: LoadedModel) -> set[int]:

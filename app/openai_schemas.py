@@ -30,7 +30,11 @@ class StreamOptions(_Request):
 class SamplingFields(_Request):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
-    model: str | None = Field(None, description="informational: the served model answers whatever is named")
+    model: str | None = Field(
+        None,
+        description="`<model-id>:<mode>` picks a served precision mode (see /v1/models); any other name, "
+        "or none, is answered by the default mode",
+    )
     temperature: float | None = Field(None, ge=0, le=2, description="default 1 (sampling); 0 is greedy")
     top_p: float | None = Field(None, gt=0, le=1)
     n: int = Field(1, ge=1, le=1, description="choices per prompt; only 1 is supported")

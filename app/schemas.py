@@ -37,6 +37,9 @@ class GenerateParameters(StrictModel):
     decoder_input_details: bool = Field(
         False, description="the prompt's tokens with their log-probs in `details.prefill` (not when streaming)"
     )
+    precision: str | None = Field(
+        None, description="the precision mode that answers (one of QS_PRECISION, see /info); default: the first"
+    )
 
     @field_validator("temperature", "top_p", "repetition_penalty")
     @classmethod

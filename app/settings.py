@@ -7,7 +7,16 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, ValidationInfo, create_model, field_validator, model_validator
+from pydantic import (
+    ByteSize,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    create_model,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 import quant
@@ -28,7 +37,22 @@ class _ServiceSettings(BaseSettings):
         DEFAULT_MODEL,
         description="local HF model directory, hub id, or path to a .gguf file; default: the embedded SmolLM2-135M-Instruct",
     )
-    precision: str = Field("fp32", description="precision mode (see `quant.list_modes()`)")
+    precision: str = Field(
+        "fp32",
+        description="precision mode, or comma-separated modes served side by side (the first is the default); "
+        "see `quant.list_modes()`",
+    )
+    max_memory: ByteSize | None = Field(
+        None,
+        description="bytes the modes' weights plus KV caches may take (`8GiB`, `500MB`); default: 80% of the "
+        "memory available at start-up",
+    )
+    shadow_reference: str | None = Field(
+        None, description="mode that sampled finished requests of the other modes are replayed on and scored against"
+    )
+    shadow_sample: float = Field(
+        0.05, ge=0, le=1, description="share of finished requests replayed on QS_SHADOW_REFERENCE"
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     host: str = "0.0.0.0"
     port: int = Field(8000, ge=1, le=65535)
@@ -78,11 +102,22 @@ class _ServiceSettings(BaseSettings):
 
     @field_validator("precision")
     @classmethod
-    def _known_precision(cls, value: str) -> str:
-        modes = [*quant.list_modes(), NATIVE]
-        if value not in modes:
-            raise ValueError(f"unknown precision {value!r}; accepted: {', '.join(modes)}")
-        return value
+    def _known_precisions(cls, value: str) -> str:
+        names = [name.strip() for name in value.split(",") if name.strip()]
+        if not names:
+            raise ValueError(f"no precision mode given; accepted: {', '.join(quant.list_modes())}")
+        for name in names:
+            _check_mode(name)
+        if len(set(names)) < len(names):
+            raise ValueError(f"a mode is listed twice in {value!r}")
+        return ",".join(names)
+
+    @field_validator("shadow_reference")
+    @classmethod
+    def _known_reference(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        return _check_mode(value.strip())
 
     @field_validator("model")
     @classmethod
@@ -130,24 +165,46 @@ class _ServiceSettings(BaseSettings):
     @model_validator(mode="after")
     def _precision_fits_the_checkpoint(self) -> _ServiceSettings:
         # A pre-quantized checkpoint serves its own precision: adopted when QS_PRECISION is unset.
+        wanted = [*self.precision.split(","), *([self.shadow_reference] if self.shadow_reference else [])]
         try:
-            source = find_source(self.model, self.precision)
+            found = {precision: find_source(self.model, precision) for precision in wanted}
         except PrequantizedError as error:
             raise ValueError(str(error)) from None
-        if source is None:
-            if self.precision == NATIVE:
-                raise ValueError(
-                    f"QS_PRECISION={NATIVE} needs a pre-quantized QS_MODEL (a .gguf file, a quantserve-save "
-                    f"directory, or a GPTQ/AWQ checkpoint); {self.model!r} is a float model"
-                )
-            return self
-        if "precision" not in self.model_fields_set:
-            self.precision = source.stored_precision
+        if NATIVE in found and found[NATIVE] is None:
+            raise ValueError(
+                f"QS_PRECISION={NATIVE} needs a pre-quantized QS_MODEL (a .gguf file, a quantserve-save "
+                f"directory, or a GPTQ/AWQ checkpoint); {self.model!r} is a float model"
+            )
+        adopted = found.get(self.precision)
+        if "precision" not in self.model_fields_set and adopted is not None:
+            found[adopted.stored_precision] = found.pop(self.precision)
+            self.precision = adopted.stored_precision
         try:
-            check_precision(source, self.precision)
+            for precision, source in found.items():
+                if source is not None:
+                    check_precision(source, precision)
         except PrequantizedError as error:
             raise ValueError(str(error)) from None
         return self
+
+    @property
+    def precisions(self) -> tuple[str, ...]:
+        """The served modes, the default first."""
+        return tuple(self.precision.split(","))
+
+    @property
+    def default_precision(self) -> str:
+        return self.precisions[0]
+
+    @property
+    def shadowing(self) -> bool:
+        """Whether sampled requests of some served mode are replayed on the reference."""
+        reference = self.shadow_reference
+        return reference is not None and self.shadow_sample > 0 and any(p != reference for p in self.precisions)
+
+    def for_mode(self, precision: str) -> _ServiceSettings:
+        """These settings with one precision mode: what building that mode reads."""
+        return self.model_copy(update={"precision": precision})
 
     @property
     def batch_slots(self) -> int:
@@ -166,6 +223,13 @@ class _ServiceSettings(BaseSettings):
     def knob_values(self) -> dict[str, object]:
         """The quantization knobs this process was started with, by name."""
         return {name: getattr(self, name) for name in QuantOptions.knob_names()}
+
+
+def _check_mode(name: str) -> str:
+    modes = [*quant.list_modes(), NATIVE]
+    if name not in modes:
+        raise ValueError(f"unknown precision {name!r}; accepted: {', '.join(modes)}")
+    return name
 
 
 def _knob_fields() -> dict[str, Any]:

@@ -4,6 +4,7 @@
     quantserve-eval --modes all            # the same, as the console script
     quantserve-eval --modes int4,int4@qat-int4-g64 --group-size 64   # MODE@DIR: that mode on another
                                            # checkpoint (a quantserve-qat output), against the same fp32
+    quantserve-eval --modes int8,int4 --replay traffic.jsonl   # your own traffic: see tools/replay.py
 
 Perplexity uses a fixed context window slid by a stride (Hugging Face's
 "perplexity of fixed-length models" recipe): each window scores only the tokens
@@ -400,7 +401,40 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="default: QS_CACHE_DIR")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--no-kl", action="store_true", help="skip the KL divergence (and its temporary file)")
+    replay = parser.add_argument_group("replay a traffic sample (tools/replay.py) instead of scoring a text")
+    replay.add_argument("--replay", type=Path, help="JSONL of requests: prompt / inputs / messages per line")
+    replay.add_argument("--max-new-tokens", type=int, default=64, help="longest answer per request")
+    replay.add_argument("--reference", default=REFERENCE_MODE, help="the mode answers are scored against")
     return parser.parse_args(argv)
+
+
+def replay_main(args: argparse.Namespace, modes: list[str], options: QuantOptions) -> int:
+    from tools.replay import format_table as replay_table
+    from tools.replay import read_traffic, replay, to_json
+
+    try:
+        traffic = read_traffic(args.replay)
+    except (OSError, ValueError) as error:
+        print(error, file=sys.stderr)
+        return 2
+    knobs = {name: getattr(options, name) for name in QuantOptions.knob_names()}
+    results = replay(
+        traffic,
+        modes,
+        reference=args.reference,
+        max_new_tokens=args.max_new_tokens,
+        model=args.model,
+        cache_dir=args.cache_dir,
+        device=args.device,
+        max_total_tokens=1_000_000,
+        max_input_tokens=999_999,
+        **knobs,
+    )
+    print(f"{len(traffic)} requests from {args.replay}, greedy, at most {args.max_new_tokens} new tokens each")
+    print(replay_table(results))
+    if args.json:
+        args.json.write_text(to_json(results))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -416,6 +450,8 @@ def main(argv: list[str] | None = None) -> int:
         print(error, file=sys.stderr)
         return 2
     configure_kernels(kernels=args.kernels)
+    if args.replay is not None:
+        return replay_main(args, modes, options)
     results: list[QualityResult] = []
     warnings: list[str] = []
     try:

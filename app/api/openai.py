@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from app.api.streaming import render
 from app.engine.engine import EventStream
 from app.engine.events import Finish, FinishReason, Generation, PromptEvent, PromptToken, TokenEvent, TokenLogprob
 from app.engine.sampling import SamplingParams
+from app.modes import openai_model_names, precision_of_model_field
 from app.openai_schemas import (
     AssistantMessage,
     ChatChoice,
@@ -64,26 +65,43 @@ def sampling_params(
 
 
 class OpenAIApi:
-    def __init__(self, service: ModelService) -> None:
+    def __init__(self, service: ModelService, note_precision: Callable[[str], None] | None = None) -> None:
         self.service = service
+        self._note_precision = note_precision
 
     def models(self) -> ModelList:
-        return ModelList(data=[ModelCard(id=self.service.model_name, created=self.service.started_at)])
+        """One entry per served mode, `<model-id>:<mode>`, the default first."""
+        names = openai_model_names(self.service.model_name, self.service.served_precisions)
+        return ModelList(data=[ModelCard(id=name, created=self.service.started_at) for name in names])
 
-    def _head(self, prefix: str) -> dict[str, Any]:
-        """The fields every response and chunk of one request shares."""
-        return {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.service.model_name}
+    def _precision(self, body: SamplingFields) -> str:
+        """The mode `model` names (422 for a mode not served); the request's metrics are labelled with it."""
+        precision = precision_of_model_field(body.model, self.service.model_name, self.service.served_precisions)
+        if self._note_precision is not None:
+            self._note_precision(precision)
+        return precision
+
+    def _head(self, prefix: str, body: SamplingFields) -> dict[str, Any]:
+        """The fields every response and chunk of one request shares; `model` as the request named it."""
+        model = self.service.model_name
+        if body.model is not None and ":" in body.model:
+            model = f"{model}:{self._precision(body)}"
+        return {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
 
     # --- /v1/completions ------------------------------------------------------
     async def _open_completion(self, body: CompletionRequest) -> list[EventStream]:
+        precision = self._precision(body)
         prompts = [
-            await self.service.tokenize(p) if isinstance(p, str) else self.service.check_token_ids(p)
+            await self.service.tokenize(p, precision)
+            if isinstance(p, str)
+            else self.service.check_token_ids(p, precision)
             for p in body.prompts
         ]
         max_tokens = COMPLETION_DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
         # the prompt's log-probs (logits at every prompt position) only for `echo` with `logprobs`
         prompt_logprobs = body.logprobs if body.echo else None
-        return self.service.open(prompts, sampling_params(body, max_tokens, body.logprobs or 0, prompt_logprobs))
+        params = sampling_params(body, max_tokens, body.logprobs or 0, prompt_logprobs)
+        return self.service.open(prompts, params, precision)
 
     def _prompt_texts(self, body: CompletionRequest) -> list[str]:
         """What `echo` puts before each completion: the prompt's text (decoded when given as token ids)."""
@@ -106,20 +124,22 @@ class OpenAIApi:
                     finish_reason=FINISH_REASONS[generation.finish.finish_reason],
                 )
             )
-        return CompletionResponse(**self._head("cmpl"), choices=choices, usage=usage(generations))
+        return CompletionResponse(**self._head("cmpl", body), choices=choices, usage=usage(generations))
 
     async def completion_stream(self, body: CompletionRequest) -> AsyncIterator[str]:
         streams = await self._open_completion(body)
-        return render(streams, _CompletionChunks(body, self._prompt_texts(body), self._head("cmpl")), done=STREAM_END)
+        chunks = _CompletionChunks(body, self._prompt_texts(body), self._head("cmpl", body))
+        return render(streams, chunks, done=STREAM_END)
 
     # --- /v1/chat/completions -------------------------------------------------
     async def _open_chat(self, body: ChatCompletionRequest) -> list[EventStream]:
         # "developer" is the newer name of "system"; chat templates know only the latter.
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in body.messages]
-        prompt_ids = await self.service.chat_prompt_ids(messages)
+        precision = self._precision(body)
+        prompt_ids = await self.service.chat_prompt_ids(messages, precision)
         budget = body.token_budget or max(self.service.settings.max_total_tokens - len(prompt_ids), 1)
         top = (body.top_logprobs or 0) if body.logprobs else 0
-        return self.service.open([prompt_ids], sampling_params(body, budget, top))
+        return self.service.open([prompt_ids], sampling_params(body, budget, top), precision)
 
     async def chat_completion(self, body: ChatCompletionRequest) -> ChatCompletionResponse:
         [generation] = await self.service.results(await self._open_chat(body))
@@ -130,11 +150,11 @@ class OpenAIApi:
             logprobs=ChatLogprobs(content=[chat_logprob(t) for t in generation.tokens]) if body.logprobs else None,
             finish_reason=FINISH_REASONS[finish.finish_reason],
         )
-        return ChatCompletionResponse(**self._head("chatcmpl"), choices=[choice], usage=usage([generation]))
+        return ChatCompletionResponse(**self._head("chatcmpl", body), choices=[choice], usage=usage([generation]))
 
     async def chat_completion_stream(self, body: ChatCompletionRequest) -> AsyncIterator[str]:
         streams = await self._open_chat(body)
-        return render(streams, _ChatChunks(body, self._head("chatcmpl")), done=STREAM_END)
+        return render(streams, _ChatChunks(body, self._head("chatcmpl", body)), done=STREAM_END)
 
 
 def usage(ended: list[Finish] | list[Generation]) -> Usage:

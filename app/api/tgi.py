@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from app.api.streaming import render
 from app.engine.engine import EventStream
 from app.engine.events import Finish, Generation, PromptEvent, TokenEvent, TokenLogprob
 from app.engine.sampling import SamplingParams
 from app.errors import InputValidationError
+from app.modes import resolve_precision
 from app.schemas import (
     Details,
     GenerateDetails,
@@ -38,12 +39,16 @@ def sampling_params(p: GenerateParameters) -> SamplingParams:
 
 
 class TgiApi:
-    def __init__(self, service: ModelService) -> None:
+    def __init__(self, service: ModelService, note_precision: Callable[[str], None] | None = None) -> None:
         self.service = service
+        self._note_precision = note_precision
 
     async def _open(self, body: GenerateRequest) -> list[EventStream]:
-        prompt_ids = await self.service.tokenize(body.inputs)
-        return self.service.open([prompt_ids], sampling_params(body.parameters))
+        precision = resolve_precision(body.parameters.precision, self.service.served_precisions, "precision")
+        if self._note_precision is not None:
+            self._note_precision(precision)
+        prompt_ids = await self.service.tokenize(body.inputs, precision)
+        return self.service.open([prompt_ids], sampling_params(body.parameters), precision)
 
     async def generate(self, body: GenerateRequest) -> GenerateResponse:
         [generation] = await self.service.results(await self._open(body))

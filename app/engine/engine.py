@@ -24,6 +24,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -40,6 +41,7 @@ from app.engine.events import (
     TokenEvent,
     TokenLogprob,
 )
+from app.engine.fair_share import FairShare
 from app.engine.output import OutputProcessor, SamplingFailed, SequenceState
 from app.engine.runner import ModelRunner
 from app.engine.scheduler import Emit, EngineOverloaded, EngineStopped, GenerationRequest, Scheduler, Ticket
@@ -62,6 +64,7 @@ __all__ = [
     "GenerationRequest",
     "PromptEvent",
     "PromptToken",
+    "ReplayCallback",
     "StateCallback",
     "TokenEvent",
     "TokenLogprob",
@@ -73,6 +76,8 @@ StateCallback = Callable[[int, int], None]  # (running, waiting)
 BatchCallback = Callable[[int], None]  # sequences in a decode step
 FinishCallback = Callable[[Finish], None]  # a sequence ended normally
 FaultCallback = Callable[[str], None]  # the engine failed; the argument says why
+# a request that kept its logits ended: (prompt ids, generated ids, the logits each was chosen from [n, vocab])
+ReplayCallback = Callable[[list[int], list[int], torch.Tensor], None]
 
 ENGINE_FAILED = "generation failed: the engine stopped (the server log says why)"
 
@@ -144,6 +149,9 @@ class Engine:
         on_batch: BatchCallback | None = None,
         on_finish: FinishCallback | None = None,
         on_fault: FaultCallback | None = None,
+        on_replay: ReplayCallback | None = None,
+        share: FairShare | None = None,
+        name: str = "engine",
     ) -> None:
         self.runner = runner
         self.tokenizer = tokenizer
@@ -154,11 +162,14 @@ class Engine:
         self._on_batch = on_batch
         self._on_finish = on_finish
         self._on_fault = on_fault
+        self._on_replay = on_replay
+        self._share = share  # the CPU shared with other engines: a step runs only in this engine's turn
+        self.name = name
         self.failure: str | None = None  # set once when the engine fails; it then takes no more requests
         self._scheduler = Scheduler(max_batch_size, max_queue, release=self._release)
         self._output = OutputProcessor(tokenizer, eos_token_ids, device)
         self._states: dict[int, SequenceState] = {}  # slot -> output state of its running sequence (the worker's)
-        self._thread = threading.Thread(target=self._work, name="engine-worker", daemon=True)
+        self._thread = threading.Thread(target=self._work, name=f"engine-worker-{name}", daemon=True)
 
     @property
     def eos_token_ids(self) -> set[int]:
@@ -246,11 +257,15 @@ class Engine:
     def _work(self) -> None:
         try:
             while self._scheduler.wait_for_work():
-                self.step()
+                with self._turn():
+                    self.step()
         except BaseException as error:  # the worker dies: nobody may be left waiting for it
             self._fault(error)
             return
         self._abort_all()
+
+    def _turn(self) -> AbstractContextManager[None]:
+        return self._share.turn(self.name) if self._share is not None else nullcontext()
 
     def _fault(self, error: BaseException) -> None:
         """The model failed: fail every running and waiting request at once, and take no more."""
@@ -307,8 +322,15 @@ class Engine:
     def _deliver(self, ticket: Ticket, event: TokenEvent | PromptEvent) -> None:
         """Emit the sequence's event; when it ends the sequence, retire it and report the finish first."""
         if event.finish is not None:
+            state = self._states.get(ticket.slot)
             # Retire first: by the time the caller sees the end, its slot is free for its next request.
             self._scheduler.retire(ticket)
+            if state is not None and state.kept_tokens and self._on_replay is not None:
+                try:
+                    logits = torch.stack(state.kept_logits)
+                    self._on_replay(list(ticket.request.prompt_ids), state.kept_tokens, logits)
+                except Exception:  # a shadow replay is never the client's problem
+                    log.exception("on_replay callback failed")
             if self._on_finish is not None:
                 try:
                     self._on_finish(event.finish)

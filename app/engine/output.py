@@ -44,6 +44,9 @@ class SequenceState:
         self.generated = 0
         self.last_token = -1
         self.first_token_at: float | None = None
+        # the generated tokens and the logits each was chosen from, for a shadow replay (sampled requests only)
+        self.kept_tokens: list[int] | None = [] if request.keep_logits else None
+        self.kept_logits: list[torch.Tensor] = []
 
 
 class OutputProcessor:
@@ -101,6 +104,9 @@ class OutputProcessor:
         token, logprob, top = self._sample(state, logits)
         state.generated += 1
         state.last_token = token
+        if state.kept_tokens is not None:  # a copy: a runner may reuse its logits buffer next step
+            state.kept_tokens.append(token)
+            state.kept_logits.append(logits.detach().to(torch.float32, copy=True))
         state.first_token_at = state.first_token_at or time.perf_counter()
         if state.seen is not None:
             state.seen.append(token)

@@ -40,6 +40,7 @@ class GenerationRequest:
     timeout: float | None = None  # seconds from arrival, waiting included
     cancelled: threading.Event = field(default_factory=threading.Event)
     enqueued_at: float = field(default_factory=time.perf_counter)
+    keep_logits: bool = False  # keep each generated token's logits for a shadow replay (a sampled request)
 
     def expired(self, now: float) -> bool:
         return self.timeout is not None and now - self.enqueued_at > self.timeout

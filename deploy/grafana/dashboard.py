@@ -216,6 +216,87 @@ def memory_panels() -> list[Panel]:
     ]
 
 
+def shadow_rate(metric: str, matchers: str = "") -> str:
+    selector = f"{SELECTOR}, {matchers}" if matchers else SELECTOR
+    return f"sum by (precision, reference) (rate({metric}{{{selector}}}[{RATE}]))"
+
+
+def shadow_quantile(q: float, histogram: str) -> str:
+    return (
+        f"histogram_quantile({q}, sum by (precision, reference, le) (rate({histogram}_bucket{{{SELECTOR}}}[{RATE}])))"
+    )
+
+
+SHADOW_LEGEND = "{{precision}} vs {{reference}}"
+
+
+def quality_panels() -> list[Panel]:
+    """Shadow scoring (QS_SHADOW_REFERENCE): sampled live answers of each mode replayed on the reference."""
+    tokens = shadow_rate("qs_shadow_tokens_total")
+    scored = shadow_rate("qs_shadow_replays_total", 'outcome="scored"')
+    return [
+        series(
+            "Top-1 agreement with the reference",
+            "Share of scored tokens whose most likely next token is the reference mode's too (sampled live requests)",
+            [
+                Target(
+                    expr=f"{shadow_rate('qs_shadow_top1_agreements_total')} / {tokens}",
+                    legendFormat=SHADOW_LEGEND,
+                    refId="A",
+                )
+            ],
+            "percentunit",
+        ),
+        series(
+            "KL divergence per token",
+            "KL(reference || mode) of each scored token's next-token distribution, nats: mean and p95",
+            [
+                Target(
+                    expr=f"{shadow_rate('qs_shadow_kl_divergence_sum')} / {shadow_rate('qs_shadow_kl_divergence_count')}",
+                    legendFormat=f"{SHADOW_LEGEND} mean",
+                    refId="A",
+                ),
+                Target(
+                    expr=shadow_quantile(0.95, "qs_shadow_kl_divergence"),
+                    legendFormat=f"{SHADOW_LEGEND} p95",
+                    refId="B",
+                ),
+            ],
+            "short",
+        ),
+        series(
+            "First divergence from the reference's greedy path",
+            "Median position of the first generated token the reference would not have chosen greedily "
+            "(answers that diverge), and the share of answers that diverge at all",
+            [
+                Target(
+                    expr=shadow_quantile(0.5, "qs_shadow_first_divergence_position"),
+                    legendFormat=f"{SHADOW_LEGEND} p50 position",
+                    refId="A",
+                ),
+                Target(
+                    expr=f"{shadow_rate('qs_shadow_first_divergence_position_count')} / {scored}",
+                    legendFormat=f"{SHADOW_LEGEND} share diverged",
+                    refId="B",
+                ),
+            ],
+            "short",
+        ),
+        series(
+            "Shadow replays",
+            "Replays per second by outcome: scored, failed (counted and dropped) or dropped (queue full)",
+            [
+                Target(
+                    expr=f"sum by (precision, outcome) (rate(qs_shadow_replays_total{{{SELECTOR}}}[{RATE}]))",
+                    legendFormat="{{precision}} {{outcome}}",
+                    refId="A",
+                )
+            ],
+            "reqps",
+        ),
+    ]
+
+
 def info_table() -> Table:
     return Table(
         title="Loaded models",
@@ -283,7 +364,7 @@ def build() -> Dashboard:
     return Dashboard(
         title="quantserve: precision modes side by side",
         uid="quantserve-modes",
-        description="Latency, throughput, errors, batching and memory of each precision mode",
+        description="Latency, throughput, errors, batching, memory and quality on live traffic of each precision mode",
         tags=["quantserve", "llm"],
         timezone="browser",
         refresh="10s",
@@ -302,6 +383,7 @@ def build() -> Dashboard:
                 ("Throughput and errors", throughput_panels(), PANEL_WIDTH),
                 ("Scheduler", scheduler_panels(), 12),
                 ("Memory", memory_panels(), PANEL_WIDTH),
+                ("Quality on live traffic", quality_panels(), 12),
             ]
         ),
     ).auto_panel_ids()

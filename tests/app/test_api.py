@@ -225,7 +225,7 @@ def test_generation_failure_is_json_500_without_trace(client, caplog):
 
 def test_unexpected_route_error_is_json_500_without_trace(client, monkeypatch, caplog):
     # Not a ServiceError: it leaves the route and is caught by the `observe` middleware's except.
-    def explode(text):
+    def explode(*args, **kwargs):
         raise RuntimeError("tokenizer exploded")
 
     monkeypatch.setattr(client.app.state.service, "tokenize", explode)

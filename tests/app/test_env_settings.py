@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,6 +29,9 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 INVALID: dict[str, tuple[str, str]] = {
     "QS_MODEL": ("/no/such/model.gguf", "does not exist"),
     "QS_PRECISION": ("int3", "fp32"),
+    "QS_MAX_MEMORY": ("lots", "could not parse"),
+    "QS_SHADOW_REFERENCE": ("int3", "accepted"),
+    "QS_SHADOW_SAMPLE": ("1.5", "less than or equal to 1"),
     "QS_DEVICE": ("tpu", "'cuda'"),
     "QS_HOST": ("bad host!", "not an IP address"),
     "QS_PORT": ("70000", "less than or equal to 65535"),
@@ -97,6 +101,9 @@ def test_invalid_value_exits_2_with_one_line(invalid_runs: dict[str, subprocess.
 VALID_IN_PROCESS = {
     "QS_MODEL",
     "QS_PRECISION",
+    "QS_MAX_MEMORY",
+    "QS_SHADOW_REFERENCE",
+    "QS_SHADOW_SAMPLE",
     "QS_DEVICE",
     "QS_HOST",
     "QS_PORT",
@@ -209,6 +216,27 @@ def test_fp8_process_takes_format_head_and_threshold(tiny_model_dir: Path, tmp_p
     assert info["quantization"]["layers_quantized"] == TINY_LINEARS + 1  # the head too
     # e5m2 keeps 2 mantissa bits to e4m3's 3: about twice the error (measured on this model: 0.050 vs 0.025)
     assert info["quantization"]["errors"]["mean_relative_error"] > 0.04
+
+
+def test_multi_mode_process_takes_its_modes_memory_and_shadow(tiny_model_dir: Path, tmp_path: Path) -> None:
+    env = {
+        "QS_MODEL": str(tiny_model_dir),
+        "QS_PRECISION": "int8,fp32",
+        "QS_MAX_MEMORY": "4GiB",
+        "QS_SHADOW_REFERENCE": "fp32",
+        "QS_SHADOW_SAMPLE": "1",
+        "QS_MAX_TOTAL_TOKENS": "64",
+        "QS_MAX_INPUT_TOKENS": "32",
+    }
+    with serve_process(env, tmp_path / "server.log") as (base_url, _):
+        body = {"inputs": "Hello", "parameters": {"max_new_tokens": 3, "precision": "int8"}}
+        assert httpx.post(f"{base_url}/generate", json=body).status_code == 200
+        deadline = time.monotonic() + 30
+        while (info := httpx.get(f"{base_url}/info").json())["shadow"]["scored"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert [m["precision"] for m in info["modes"]] == ["int8", "fp32"] and info["precision"] == "int8"
+    assert info["memory"]["max_memory"] == 4 * 1024**3
+    assert info["shadow"] == {"reference": "fp32", "sample": 1.0, "scored": 1, "failed": 0, "dropped": 0}
 
 
 @pytest.mark.real_model

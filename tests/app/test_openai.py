@@ -50,7 +50,7 @@ def served_id(tiny_model_dir: Path) -> str:
 
 def test_models_lists_the_served_model(client, tiny_model_dir):
     models = client.models.list().data
-    assert [m.id for m in models] == [served_id(tiny_model_dir)]
+    assert [m.id for m in models] == [f"{served_id(tiny_model_dir)}:fp32"]  # `<model-id>:<mode>`, one mode
 
 
 def test_completion_is_the_same_engine_as_generate(client, server, tiny_model_dir):

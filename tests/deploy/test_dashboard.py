@@ -67,6 +67,23 @@ def test_panels_the_issue_asks_for(dashboard: dict):
     assert any(p["type"] == "table" and "qs_model_info" in p["targets"][0]["expr"] for p in dashboard["panels"])
 
 
+def test_quality_on_live_traffic_row(dashboard: dict):
+    """Shadow scoring's panels: under their own row, each series labelled by mode and reference."""
+    rows = [p["title"] for p in dashboard["panels"] if p["type"] == "row"]
+    assert "Quality on live traffic" in rows
+    shadow = [t["expr"] for t in targets(dashboard) if "qs_shadow_" in t["expr"]]
+    exprs = " ".join(shadow)
+    for needed in (
+        "rate(qs_shadow_top1_agreements_total",
+        "qs_shadow_kl_divergence_bucket",
+        "qs_shadow_kl_divergence_sum",
+        "qs_shadow_first_divergence_position_bucket",
+        "qs_shadow_replays_total",
+    ):
+        assert needed in exprs, needed
+    assert all("by (precision, reference" in e or "outcome" in e for e in shadow), shadow
+
+
 def test_layout_fits_the_grid_and_ids_are_unique(dashboard: dict):
     panels = dashboard["panels"]
     assert len({p["id"] for p in panels}) == len(panels)
@@ -82,6 +99,7 @@ def exported_names(monkeypatch: pytest.MonkeyPatch) -> set[str]:
     report = quant.QuantReport(mode="int8", backend="torch", bits=8, group_size=None, compute_dtype="float32")
     metrics.set_model_info(report, torch.device("cuda:0"))
     metrics.observe_request("/generate", 200, "none", 0.1)
+    metrics.for_mode("int4").start_shadow("fp32")  # a multi-mode process with shadow scoring
     text = generate_latest(metrics.registry).decode()
     return {line.split("{")[0] for line in text.splitlines() if line.startswith("qs_")}
 
