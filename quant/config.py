@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from pathlib import Path
 from dataclasses import Field, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, ClassVar, get_type_hints
 
@@ -132,6 +133,8 @@ def check_knob(name: str, value: object) -> None:
         raise ValueError(f"{label} must be greater than 0, got {value!r}")
     if name == "smoothquant_alpha" and not (isinstance(value, int | float) and 0 <= value <= 1):
         raise ValueError(f"{label} must be between 0 and 1, got {value!r}")
+    if name == "calibration_file" and value and not Path(str(value)).expanduser().is_file():
+        raise ValueError(f"{value!r} is not a file (leave it empty for Python's own pydoc_data.topics)")
     if name == "skip_modules":
         for pattern in value:  # type: ignore[attr-defined]
             if not _MODULE_PATTERN.fullmatch(pattern):

@@ -51,6 +51,10 @@ INVALID: dict[str, tuple[str, str]] = {
     "QS_FP8_FORMAT": ("e3m4", "e4m3 or e5m2"),
     "QS_QUANTIZE_LM_HEAD": ("maybe", "auto, true or false"),
     "QS_SKIP_MODULES": ("lm head", "module name pattern"),
+    "QS_CALIBRATION_FILE": ("/no/such/calibration.txt", "is not a file"),
+    "QS_CALIBRATION_TOKENS": ("0", "greater than 0"),
+    "QS_ACTIVATION_OBSERVER": ("max", "minmax, percentile or mse"),
+    "QS_SMOOTHQUANT_ALPHA": ("2", "between 0 and 1"),
     "QS_LOG_LEVEL": ("verbose", "'debug'"),
     "QS_KERNELS": ("fast", "'reference'"),
     "QS_KERNEL_ISA": ("neon", "'avx2'"),
@@ -123,6 +127,10 @@ VALID_IN_PROCESS = {
     "QS_FP8_FORMAT",
     "QS_QUANTIZE_LM_HEAD",
     "QS_SKIP_MODULES",
+    "QS_CALIBRATION_FILE",
+    "QS_CALIBRATION_TOKENS",
+    "QS_ACTIVATION_OBSERVER",
+    "QS_SMOOTHQUANT_ALPHA",
     "QS_LOG_LEVEL",
     "QS_KERNELS",
     "QS_KERNEL_ISA",
@@ -216,6 +224,29 @@ def test_fp8_process_takes_format_head_and_threshold(tiny_model_dir: Path, tmp_p
     assert info["quantization"]["layers_quantized"] == TINY_LINEARS + 1  # the head too
     # e5m2 keeps 2 mantissa bits to e4m3's 3: about twice the error (measured on this model: 0.050 vs 0.025)
     assert info["quantization"]["errors"]["mean_relative_error"] > 0.04
+
+
+def test_int8_static_process_takes_its_calibration_settings(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from pydoc_data.topics import topics
+
+    text = tmp_path / "calibration.txt"
+    text.write_text(topics["assert"] + topics["if"] + topics["for"] + topics["while"])
+    env = {
+        "QS_MODEL": str(tiny_model_dir),
+        "QS_PRECISION": "int8-static",
+        "QS_CALIBRATION_FILE": str(text),
+        "QS_CALIBRATION_TOKENS": "300",
+        "QS_ACTIVATION_OBSERVER": "percentile",
+        "QS_SMOOTHQUANT_ALPHA": "0.25",
+        "QS_CACHE_DIR": str(tmp_path / "cache"),
+    }
+    with serve_process(env, tmp_path / "server.log") as (base_url, _):
+        info = httpx.get(f"{base_url}/info").json()
+    options = info["options"]
+    assert options["activation_observer"] == "percentile" and options["smoothquant_alpha"] == 0.25
+    calibration = info["quantization"]["calibration"]
+    assert calibration["source"] == str(text.resolve()) and calibration["tokens"] == 300
+    assert not calibration["cached"] and calibration["seconds"] > 0
 
 
 def test_multi_mode_process_takes_its_modes_memory_and_shadow(tiny_model_dir: Path, tmp_path: Path) -> None:
