@@ -57,8 +57,8 @@ class Int4GptqConfig(Int4WeightOnlyConfig, CalibratedConfig):
                 rows = slice(row, row + linear.out_features)
                 row += linear.out_features
                 state[f"{name}.packed"] = pack_int4(solution.codes[rows])
-                state[f"{name}.scales"] = solution.scales[rows].contiguous()
-                state[f"{name}.mins"] = solution.mins[rows].contiguous()
+                state[f"{name}.scales"] = solution.scales[rows].clone()  # own storage: bytes count per layer
+                state[f"{name}.mins"] = solution.mins[rows].clone()
                 # later stages and layers see this linear's quantized output (true-sequential)
                 originals[name] = linear.weight.detach().clone()
                 linear.weight.data.copy_(quantized[rows])
