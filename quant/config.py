@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import argparse
 import re
-from pathlib import Path
 from dataclasses import Field, dataclass, field, fields
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, get_type_hints
 
 if TYPE_CHECKING:
