@@ -51,14 +51,17 @@ SHADOW_LABELS = (*BASE_LABELS, "reference")
 SHADOW_OUTCOMES = ("scored", "failed", "dropped")
 
 
+def declared_backend(precision: str) -> str:
+    # "native" is no registered mode: a pre-quantized checkpoint served as stored, on our torch layers.
+    return quant.get_mode(precision).backend if precision in quant.list_modes() else "torch"
+
+
 class ServiceMetrics:
     def __init__(self, model: str, precision: str) -> None:
         self.registry = CollectorRegistry()
         self.labels = {"model": model, "precision": precision}
-        # The mode's declared backend until `set_model_info` reports what was loaded ("native" is no registered
-        # mode: a pre-quantized checkpoint served as stored, on our torch layers).
-        backend = quant.get_mode(precision).backend if precision in quant.list_modes() else "torch"
-        self.generation_labels = {**self.labels, "backend": backend}
+        # The mode's declared backend until `set_model_info` reports what was loaded.
+        self.generation_labels = {**self.labels, "backend": declared_backend(precision)}
         self.device: torch.device | None = None
         r = self.registry
 
@@ -182,7 +185,7 @@ class ServiceMetrics:
         """A view on the same registry and series that records with `precision` as its label."""
         view = copy.copy(self)
         view.labels = {**self.labels, "precision": precision}
-        view.generation_labels = {**view.labels, "backend": quant.get_mode(precision).backend}
+        view.generation_labels = {**view.labels, "backend": declared_backend(precision)}
         view.device = None
         view.engine_failures.labels(**view.labels)
         self._modes.append(view)

@@ -30,6 +30,7 @@ from quant.layers.int4 import Int4WeightOnlyLinear
 from quant.layers.int8 import Int8DynamicLinear, Int8WeightOnlyLinear
 from quant.layers.int8_grouped import Int8G32Embedding, Int8G32Linear
 from quant.layers.int8_mixed import Int8MixedLinear
+from quant.layers.int8_static import Int8StaticLinear
 from quant.layers.nf4 import NF4Linear
 from quant.prequantized import (
     SAVED_MANIFEST,
@@ -53,6 +54,7 @@ SAVABLE_LAYERS: dict[str, type[QuantizedLinear]] = {
         Int4WeightOnlyLinear,
         Int8WeightOnlyLinear,
         Int8DynamicLinear,
+        Int8StaticLinear,
         Int8MixedLinear,
         Int8G32Linear,
         NF4Linear,

@@ -11,18 +11,20 @@ from safetensors.torch import load_file, save_file
 
 import quant
 import quant.saved as saved
+from quant.calibration import CalibrationContext
 from quant.checkpoints import load_float_model
 from quant.prequantized import SAVED_MANIFEST, PrequantizedError
 from quant.saved import load_saved, save_quantized
 
 PROMPT = torch.tensor([[1, 5, 9, 20, 33, 7, 100, 2]])
-SAVED_MODES = ["int4", "int8", "int8-dynamic", "nf4", "fp8", "bf16", "fp32"]
+SAVED_MODES = ["int4", "int8", "int8-dynamic", "nf4", "fp8", "bf16", "fp32", "int4-gptq", "int4-awq", "int8-static"]
 
 
 def _quantized(model_dir: Path, mode: str, **knobs):
     model, tokenizer, model_id = load_float_model(str(model_dir), device="cpu")
-    options = quant.QuantOptions(**knobs)
-    report = quant.quantize_(model, quant.make_config(mode, options))
+    options = quant.QuantOptions(**{"calibration_tokens": 512, **knobs})
+    calibration = CalibrationContext(tokenizer, model_id)  # calibrated modes save what they calibrated
+    report = quant.quantize_(model, quant.make_config(mode, options), calibration=calibration)
     return model, tokenizer, model_id, report, options
 
 
