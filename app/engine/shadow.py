@@ -105,7 +105,7 @@ class ShadowScorer:
         self.reference = reference
         self.model = model
         self._share = share
-        share.join(SHADOW, weight)
+        share.join(SHADOW, weight, background=True)
         self._queue: queue.Queue[_Replay | None] = queue.Queue(maxsize=queue_size)
         self._thread = threading.Thread(target=self._work, name="shadow-scorer", daemon=True)
         self.scored = 0  # replays scored, failed and dropped: for logs and tests

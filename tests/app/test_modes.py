@@ -165,6 +165,42 @@ def longest_run(log: list[str], name: str) -> int:
     return longest
 
 
+def test_a_background_party_takes_its_share_not_every_gap_between_steps():
+    """The engine leaves a short gap between its steps (output processing, outside the share); the scorer,
+    whose one turn is a whole replay, must not take each gap: it gets about its weight's share, and all of
+    the time once the engine is idle."""
+    share = FairShare()
+    share.join("int4")
+    share.join("shadow", 0.05, background=True)
+    stop, engine_done, log = threading.Event(), threading.Event(), []
+
+    def engine() -> None:
+        while not engine_done.is_set():
+            with share.turn("int4"):
+                log.append("int4")
+                time.sleep(0.005)
+            time.sleep(0.003)  # between two steps
+
+    def scorer() -> None:
+        while not stop.is_set():
+            with share.turn("shadow"):
+                log.append("shadow")
+                time.sleep(0.04)
+
+    threads = [threading.Thread(target=engine), threading.Thread(target=scorer)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.5)
+    busy = share.used_seconds()
+    engine_done.set()
+    threads[0].join()
+    time.sleep(0.4)  # the engine is idle now: the scorer gets the time
+    stop.set()
+    threads[1].join()
+    assert busy["shadow"] / (busy["shadow"] + busy["int4"]) < 0.15  # 0.05 / 1.05 asked; every gap would be ~0.8
+    assert share.used_seconds()["shadow"] - busy["shadow"] > 0.2
+
+
 def test_an_idle_party_saves_no_credit():
     share = FairShare()
     share.join("a")
