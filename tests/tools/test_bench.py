@@ -453,7 +453,8 @@ def test_each_mode_is_paired_with_its_llama_cpp_counterpart(tmp_path: Path):
         (None, PEER_ENGINE, t) for t in ("F32", "Q8_0", "Q4_0", "Q4_1")
     ]
     report = render_markdown(document)
-    assert "| llama.cpp Q4_1 | – | – | – | – | 286.0 | 107.5 | 87.0 | 174.8 |" in report  # a row, not a mode
+    # a row, not a mode: no weights, load or quantization time of ours; its prefill, decode, streams
+    assert "| llama.cpp Q4_1 | – | – | – | – | – | 286.0 | 107.5 | 87.0 | 174.8 |" in report
     section = report.split("## Against llama.cpp, measured in the same run")[1].split("## How each")[0]
     assert "CPU: Test CPU (avx2)" in section
     assert "2 threads, CPU back end loaded: libggml-cpu-zen4.so" in section
