@@ -12,10 +12,9 @@ from __future__ import annotations
 import torch
 
 from quant.kernels.choose import (
-    INT8_DYNAMIC_MAX_K,
     LinearKernel,
     LinearSpec,
-    QuantserveKernel,
+    QuantserveInt8DynamicKernel,
     choose_kernel,
     register_format,
 )
@@ -45,17 +44,12 @@ class ReferenceInt8StaticKernel(LinearKernel):
         return reference_int8_static_linear(x, w_int8, w_scale, act_scale, bias)
 
 
-class QuantserveInt8StaticKernel(QuantserveKernel):
-    """`quantserve::int8_static_linear`: int8_dynamic's integer GEMM, fed codes of the fixed scale."""
+class QuantserveInt8StaticKernel(QuantserveInt8DynamicKernel):
+    """`quantserve::int8_static_linear`: int8_dynamic's integer GEMM (and its K limit), fed codes of the fixed scale."""
 
     format = INT8_STATIC
     op = "int8_static_linear"
     reference_kernel = ReferenceInt8StaticKernel
-
-    def can_take(self, spec: LinearSpec) -> str | None:
-        if spec.in_features > INT8_DYNAMIC_MAX_K:
-            return f"K = {spec.in_features} > {INT8_DYNAMIC_MAX_K}"
-        return None
 
 
 register_format(INT8_STATIC, (QuantserveInt8StaticKernel, ReferenceInt8StaticKernel))
