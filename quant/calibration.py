@@ -113,6 +113,7 @@ def cache_key(config: QuantConfig, context: CalibrationContext, text: str, budge
             "version": _CACHE_VERSION,
             "model": context.model_key,
             "mode": config.name,
+            "algorithm": getattr(config, "algorithm_version", 0),
             "options": _config_options(config),
             "text": hashlib.sha256(text.encode()).hexdigest(),
             "tokens": budget,

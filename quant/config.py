@@ -235,6 +235,8 @@ class CalibratedConfig(QuantConfig):
     and `apply_calibration`. `quantize_` runs them through `quant.calibration.calibrate`."""
 
     calibrated: ClassVar[bool] = True
+    # Bump when the mode's algorithm changes its result: cached calibrations of older versions are not read.
+    algorithm_version: ClassVar[int] = 1
 
     calibration_file: str = knob_default("calibration_file")
     calibration_tokens: int = knob_default("calibration_tokens")

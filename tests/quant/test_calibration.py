@@ -122,6 +122,14 @@ def test_calibration_runs_once_then_comes_from_the_cache(tiny, tmp_path: Path) -
     quantize_(load(), _MeanInputScale(calibration_tokens=512), calibration=context)
     assert _MeanInputScale.calls == [1024, 512]
 
+    # So is a new version of the algorithm: the old entry is not read.
+    @dataclass(frozen=True)
+    class _NextVersion(_MeanInputScale):
+        algorithm_version: ClassVar[int] = 2
+
+    quantize_(load(), _NextVersion(calibration_tokens=1024), calibration=context)
+    assert _MeanInputScale.calls == [1024, 512, 1024]
+
 
 def test_a_calibrated_mode_without_a_context_fails_clearly(tiny) -> None:
     load, _ = tiny
