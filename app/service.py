@@ -485,6 +485,7 @@ class ModelService:
                 "scored": self.shadow.scored if self.shadow else 0,
                 "failed": self.shadow.failed if self.shadow else 0,
                 "dropped": self.shadow.dropped if self.shadow else 0,
+                "pending": self.shadow.pending if self.shadow else 0,
             }
         if self.share is not None:
             data["cpu_seconds_by_party"] = {k: round(v, 3) for k, v in self.share.used_seconds().items()}

@@ -11,7 +11,9 @@ Reports each server's tokens per second per round, the medians and their ratio (
 seconds each party of the fair share held its turn. On a machine other work shares, wall-clock
 rounds swing with that work; the turn seconds do not: while the served mode is busy, every
 second the scorer holds the turn is a second the mode waits, so served / (served + shadow) turn
-seconds is the throughput ratio that shadowing alone allows (`turn_ratio`).
+seconds is the throughput ratio that shadowing alone allows (`turn_ratio`, over the rounds only).
+After each shadowed round the tool waits until that server has no replay left, so none runs
+during the next round of either server; the drain times are reported, not counted.
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ import json
 import os
 import statistics
 import sys
+import time
 from contextlib import ExitStack
 from pathlib import Path
 from tempfile import TemporaryDirectory
+from typing import Any
 from unittest import mock
 
 import httpx
@@ -39,12 +43,33 @@ def _server(stack: ExitStack, spec: ServerSpec, env: dict[str, str], log: Path) 
         return stack.enter_context(running_server(spec, log))
 
 
+def _info(url: str) -> dict[str, Any]:
+    return httpx.get(f"{url}/info", timeout=10).json()
+
+
+def _drain(url: str, limit: float = 600.0) -> float:
+    """Wait until the shadowed server has no replay left; returns the seconds it took. Replays left
+    over from a round would otherwise run during the other server's round, in another process,
+    outside any fair share, and slow that round down instead."""
+    started = time.perf_counter()
+    while _info(url)["shadow"]["pending"] > 0:
+        if time.perf_counter() - started > limit:
+            raise RuntimeError(f"the shadow queue did not drain in {limit:.0f} s")
+        time.sleep(0.2)
+    return time.perf_counter() - started
+
+
 def measure(args: argparse.Namespace, logs: Path) -> dict[str, object]:
     modes = f"{args.mode},{args.reference}"
     spec = ServerSpec(modes, args.model, str(args.cache_dir), "cpu", max_concurrent_requests=max(16, args.clients))
     common = {"QS_MAX_BATCH_SIZE": str(args.clients)}
     shadowed = {**common, "QS_SHADOW_REFERENCE": args.reference, "QS_SHADOW_SAMPLE": str(args.sample)}
     rounds: dict[str, list[float]] = {"plain": [], "shadowed": []}
+    # per shadowed round: the seconds each party held its turn during the round, the replays it
+    # scored during the round, and the seconds its leftover replays took after it
+    round_turns: list[dict[str, float]] = []
+    scored_in_round: list[int] = []
+    drain_seconds: list[float] = []
     with ExitStack() as stack:
         # which server starts first (a second run with the other order tells the order's effect apart)
         environments = {"plain": common, "shadowed": shadowed}
@@ -55,6 +80,7 @@ def measure(args: argparse.Namespace, logs: Path) -> dict[str, object]:
         for number in range(args.rounds):
             order = ("plain", "shadowed") if number % 2 == 0 else ("shadowed", "plain")
             for name in order:
+                before = _info(urls[name]) if name == "shadowed" else {}
                 result = asyncio.run(
                     run_load(
                         urls[name],
@@ -66,13 +92,20 @@ def measure(args: argparse.Namespace, logs: Path) -> dict[str, object]:
                 if result.failed:
                     raise RuntimeError(f"{name}: {result.failed} requests failed")
                 rounds[name].append(result.tokens_per_second)
+                if name == "shadowed":
+                    after = _info(urls[name])
+                    used_before, used_after = before["cpu_seconds_by_party"], after["cpu_seconds_by_party"]
+                    round_turns.append({party: used_after[party] - used_before.get(party, 0.0) for party in used_after})
+                    scored_in_round.append(after["shadow"]["scored"] - before["shadow"]["scored"])
+                    drain_seconds.append(_drain(urls[name]))
                 print(f"round {number + 1} {name}: {result.tokens_per_second:.1f} tok/s", file=sys.stderr)
         info = httpx.get(f"{urls['shadowed']}/info", timeout=10).json()
     plain, shadowed_median = statistics.median(rounds["plain"]), statistics.median(rounds["shadowed"])
     # each round's two windows ran back to back: their ratio sees less of the machine's drift
     paired = [s / p for s, p in zip(rounds["shadowed"], rounds["plain"], strict=True)]
-    turns = info.get("cpu_seconds_by_party") or {}
-    served_turns, shadow_turns = turns.get(args.mode, 0.0), turns.get("shadow", 0.0)
+    # the turns held while the rounds ran (a drain between rounds is idle time the scorer may use)
+    served_turns = sum(t.get(args.mode, 0.0) for t in round_turns)
+    shadow_turns = sum(t.get("shadow", 0.0) for t in round_turns)
     return {
         "mode": args.mode,
         "reference": args.reference,
@@ -88,7 +121,10 @@ def measure(args: argparse.Namespace, logs: Path) -> dict[str, object]:
         "paired_ratios": paired,
         "median_paired_ratio": statistics.median(paired),
         "shadow": info.get("shadow"),
-        "cpu_seconds_by_party": turns,
+        "cpu_seconds_by_party": info.get("cpu_seconds_by_party"),
+        "turn_seconds_in_rounds": {args.mode: served_turns, "shadow": shadow_turns},
+        "replays_scored_in_rounds": scored_in_round,
+        "drain_seconds": drain_seconds,
         "turn_ratio": served_turns / (served_turns + shadow_turns) if served_turns else None,
     }
 
@@ -124,8 +160,13 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"medians {figures['median_shadowed']:.1f} / {figures['median_plain']:.1f} = {figures['ratio']:.3f}; "
         f"median of the rounds' ratios {figures['median_paired_ratio']:.3f}; "
-        f"shadow {figures['shadow']}; turn seconds {figures['cpu_seconds_by_party']}; "
-        f"turn ratio {args.mode} / ({args.mode} + shadow) = {figures['turn_ratio']:.3f}"
+        f"shadow {figures['shadow']}"
+    )
+    print(
+        f"during the shadowed rounds: turn seconds {figures['turn_seconds_in_rounds']}, "
+        f"turn ratio {args.mode} / ({args.mode} + shadow) = {figures['turn_ratio']:.3f}; replays scored per round "
+        f"{figures['replays_scored_in_rounds']}; leftover replays drained in "
+        f"{', '.join(f'{v:.1f}' for v in figures['drain_seconds'])} s after the rounds"
     )
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))

@@ -2,15 +2,19 @@
 
 A sampled share of finished requests (QS_SHADOW_SAMPLE) keeps, while it is served, the logits
 each generated token was chosen from. When it ends, the engine hands prompt, tokens and logits
-to `ShadowScorer.offer`; the scorer's own thread replays prompt + generated tokens as ONE
+to `ShadowScorer.offer`; the scorer's own thread replays prompt + generated tokens as a
 teacher-forced forward on the reference model and compares, per generated token:
 
 - the KL divergence KL(reference || served) of the two next-token distributions;
 - top-1 agreement: whether both put the same token first;
 - and per answer, the first position where the served token is not the reference's greedy choice.
 
-The replay runs only in its turn of the process's `FairShare`, with a small weight, so under
-load it gets at most that share of the CPU and otherwise the idle time. Offers beyond a short
+The replay runs only in turns of the process's `FairShare`, with a small weight, so under
+load it gets at most that share of the CPU and otherwise the idle time. It goes in chunks of
+`REPLAY_CHUNK_TOKENS` positions over a KV cache, one turn each: a whole replay (a forward of
+the prompt and the answer, 0.3 s or more in fp32 here) would be one turn the served engines wait
+through whole, so the share would be kept only on average and each replay would stall every
+request in flight; a chunk is about as long as a few decode steps. Offers beyond a short
 queue are dropped, and a replay that fails is counted and dropped: neither reaches a client.
 `score_replay` is also what the offline twin (`tools.quality --replay`) uses.
 """
@@ -35,6 +39,10 @@ SHADOW = "shadow"  # the scorer's name in the FairShare
 # Finished answers waiting for their replay; beyond this they are dropped (and counted): a
 # backlog would hold every kept logits row in memory and report on traffic long gone.
 QUEUE_SIZE = 16
+# Positions of a replay per fair-share turn. An fp32 forward of 32 positions of the default
+# model takes about as long as three int4 decode steps of a batch of 8 on 2 cores; fewer
+# positions per forward cost more per position (every chunk re-reads all the weights).
+REPLAY_CHUNK_TOKENS = 32
 
 
 @dataclass(frozen=True)
@@ -68,14 +76,58 @@ def score_replay(served_logits: torch.Tensor, reference_logits: torch.Tensor, ge
     return ReplayScore(kl.tolist(), agreements, first)
 
 
-@torch.inference_mode()
-def reference_logits(model: nn.Module, prompt_ids: list[int], generated: list[int]) -> torch.Tensor:
-    """The reference's logits for each generated token given what came before it: one forward of the
-    prompt and the generated tokens but the last, keeping the last len(generated) positions."""
-    device = next(model.parameters()).device
-    ids = torch.tensor([[*prompt_ids, *generated[:-1]]], device=device)
-    out = model(input_ids=ids, use_cache=False, logits_to_keep=len(generated))
-    return out.logits[0, -len(generated) :].float()
+class ReferenceReplay:
+    """The reference's logits for each generated token given what came before it, computed as a
+    forward of the prompt and the generated tokens but the last (the positions from len(prompt) - 1
+    on predict the generated tokens), `chunk_tokens` positions per `step` over a KV cache."""
+
+    def __init__(self, model: nn.Module, prompt_ids: list[int], generated: list[int], chunk_tokens: int) -> None:
+        from transformers import DynamicCache
+
+        if not generated or chunk_tokens < 1:
+            raise ValueError("a replay needs generated tokens and chunks of at least one position")
+        self._model = model
+        device = next(model.parameters()).device
+        self._ids = torch.tensor([[*prompt_ids, *generated[:-1]]], device=device)
+        self._first_kept = self._ids.shape[1] - len(generated)  # the position that predicted generated[0]
+        self._chunk = chunk_tokens
+        self._cache = DynamicCache(config=model.config)
+        self._done = 0
+        self._rows: list[torch.Tensor] = []
+
+    @property
+    def finished(self) -> bool:
+        return self._done == self._ids.shape[1]
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """Run the next chunk of positions."""
+        start = self._done
+        end = min(start + self._chunk, self._ids.shape[1])
+        kept = end - max(start, self._first_kept)  # positions of this chunk that predict a generated token
+        # transformers keeps every position for logits_to_keep=0: keep 1 and drop it
+        out = self._model(
+            input_ids=self._ids[:, start:end], past_key_values=self._cache, use_cache=True, logits_to_keep=max(kept, 1)
+        )
+        if kept > 0:
+            self._rows.append(out.logits[0, -kept:].float())
+        self._done = end
+
+    def logits(self) -> torch.Tensor:
+        """[len(generated), vocab], once `finished`."""
+        if not self.finished:
+            raise RuntimeError("the replay has positions left")
+        return torch.cat(self._rows)
+
+
+def reference_logits(
+    model: nn.Module, prompt_ids: list[int], generated: list[int], chunk_tokens: int | None = None
+) -> torch.Tensor:
+    """The whole replay at once (the offline twin), or chunk by chunk: the same logits."""
+    replay = ReferenceReplay(model, prompt_ids, generated, chunk_tokens or len(prompt_ids) + len(generated))
+    while not replay.finished:
+        replay.step()
+    return replay.logits()
 
 
 class ShadowObserver(Protocol):
@@ -100,10 +152,17 @@ class ShadowScorer:
     """Replays sampled answers on the reference model, on its own thread, in its FairShare turns."""
 
     def __init__(
-        self, reference: str, model: nn.Module, share: FairShare, weight: float, queue_size: int = QUEUE_SIZE
+        self,
+        reference: str,
+        model: nn.Module,
+        share: FairShare,
+        weight: float,
+        queue_size: int = QUEUE_SIZE,
+        chunk_tokens: int = REPLAY_CHUNK_TOKENS,
     ) -> None:
         self.reference = reference
         self.model = model
+        self.chunk_tokens = chunk_tokens
         self._share = share
         share.join(SHADOW, weight, background=True)
         self._queue: queue.Queue[_Replay | None] = queue.Queue(maxsize=queue_size)
@@ -137,15 +196,24 @@ class ShadowScorer:
         """No replay waits (one may still be running)."""
         return self._queue.empty()
 
+    @property
+    def pending(self) -> int:
+        """Replays offered and not yet scored, failed or dropped (the one running included)."""
+        return self._queue.unfinished_tasks
+
+    def _replay(self, replay: _Replay) -> ReplayScore:
+        """One replay, a fair-share turn per chunk; the scoring goes in the last chunk's turn."""
+        forward = ReferenceReplay(self.model, replay.prompt_ids, replay.generated, self.chunk_tokens)
+        while True:
+            with self._share.turn(SHADOW):
+                forward.step()
+                if forward.finished:
+                    return score_replay(replay.served_logits, forward.logits(), replay.generated)
+
     def _work(self) -> None:
         while (replay := self._queue.get()) is not None:
             try:
-                with self._share.turn(SHADOW):
-                    score = score_replay(
-                        replay.served_logits,
-                        reference_logits(self.model, replay.prompt_ids, replay.generated),
-                        replay.generated,
-                    )
+                score = self._replay(replay)
             except Exception as error:  # counted and dropped: a replay never fails a client
                 self.failed += 1
                 log.warning("shadow replay on %s failed: %s: %s", self.reference, type(error).__name__, error)
@@ -157,6 +225,7 @@ class ShadowScorer:
                 )
             finally:
                 self._queue.task_done()
+        self._queue.task_done()  # the stop sentinel
 
     def join_queue(self) -> None:
         """Wait until every offered replay was scored or failed (tests, benchmarks)."""

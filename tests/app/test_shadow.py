@@ -8,7 +8,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from app.engine.shadow import reference_logits, score_replay
+from app.engine.shadow import ReferenceReplay, reference_logits, score_replay
 from app.model_loader import load_model
 from app.service import ModelService
 from tests.app.test_modes import metric_value
@@ -51,6 +51,60 @@ def test_reference_logits_are_the_teacher_forced_forward(tiny_model_dir):
     assert logits.shape == (3, full.shape[-1])
     # the logits that predicted generated[i] sit at position len(prompt) - 1 + i
     torch.testing.assert_close(logits, full[len(prompt) - 1 : len(prompt) + 2].float(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 2, 3, 5, 64])
+def test_a_chunked_replay_gives_the_whole_forwards_logits(tiny_model_dir, chunk_tokens):
+    from transformers import AutoModelForCausalLM
+
+    tiny_llama = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    prompt, generated = [1, 5, 9, 3, 8, 4], [7, 2, 11, 6]
+    whole = reference_logits(tiny_llama, prompt, generated)
+    replay = ReferenceReplay(tiny_llama, prompt, generated, chunk_tokens)
+    steps = 0
+    while not replay.finished:
+        replay.step()
+        steps += 1
+    assert steps == -(-(len(prompt) + len(generated) - 1) // chunk_tokens)
+    torch.testing.assert_close(replay.logits(), whole, atol=1e-4, rtol=1e-4)
+
+
+def test_each_chunk_of_a_replay_is_its_own_turn(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from app.engine.fair_share import FairShare
+    from app.engine.shadow import SHADOW, ShadowScorer
+
+    class CountingShare(FairShare):
+        turns = 0
+
+        def turn(self, name):
+            if name == SHADOW:
+                CountingShare.turns += 1
+            return super().turn(name)
+
+    class Observer:
+        def __init__(self) -> None:
+            self.scores: list[tuple[list[float], int, int | None]] = []
+
+        def observe_shadow(self, reference, kl_per_token, top1_agreements, first_divergence):
+            self.scores.append((kl_per_token, top1_agreements, first_divergence))
+
+        def count_shadow(self, reference, outcome):
+            raise AssertionError(f"replay {outcome}")
+
+    tiny_llama = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    prompt, generated = list(range(1, 11)), [3, 4, 5, 6, 7, 8]  # 15 positions: 4 chunks of 4
+    served = reference_logits(tiny_llama, prompt, generated)
+    scorer = ShadowScorer("fp32", tiny_llama, CountingShare(), weight=0.05, chunk_tokens=4)
+    scorer.start()
+    observer = Observer()
+    scorer.offer(observer, prompt, generated, served)
+    scorer.join_queue()
+    scorer.stop()
+    assert CountingShare.turns == 4 and scorer.pending == 0
+    ((kl, agreements, _),) = observer.scores
+    assert agreements == len(generated) and max(kl) < 1e-6
 
 
 def perturbing_loader(perturbed: str, scale: float = 10.0):
@@ -97,7 +151,14 @@ def test_a_perturbed_mode_shows_lower_agreement(make_client):
         metrics = client.get("/metrics").text
         info = client.get("/info").json()
 
-    assert info["shadow"] == {"reference": "fp32", "sample": 1.0, "scored": 10, "failed": 0, "dropped": 0}
+    assert info["shadow"] == {
+        "reference": "fp32",
+        "sample": 1.0,
+        "scored": 10,
+        "failed": 0,
+        "dropped": 0,
+        "pending": 0,
+    }
     figures = {}
     for mode in ("int8", "fp16"):
         labels = {"precision": mode, "reference": "fp32"}
@@ -125,7 +186,7 @@ def test_a_failing_replay_is_counted_and_never_reaches_the_client(make_client, m
     def broken(*args, **kwargs):
         raise RuntimeError("reference forward exploded")
 
-    monkeypatch.setattr(shadow_module, "reference_logits", broken)
+    monkeypatch.setattr(shadow_module.ReferenceReplay, "step", broken)
     with make_client(precision="int8", shadow_reference="fp32", shadow_sample=1.0) as client:
         service: ModelService = client.app.state.service
         assert [m["precision"] for m in client.get("/info").json()["modes"]] == ["int8", "fp32"]

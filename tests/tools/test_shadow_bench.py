@@ -25,5 +25,8 @@ def test_one_run_measures_both_servers(tiny_model_dir: Path, tmp_path: Path, cap
     assert figures["ratio"] == figures["median_shadowed"] / figures["median_plain"] > 0
     # every request of the shadowed server (warm-up and 2 rounds) was replayed on fp32, and took CPU turns
     assert figures["shadow"]["scored"] == 2 + 2 * 2 * 2
-    assert figures["cpu_seconds_by_party"]["shadow"] > 0 and 0 < figures["turn_ratio"] < 1
+    assert figures["shadow"]["pending"] == 0  # each round's leftovers were drained before the next round
+    assert len(figures["drain_seconds"]) == 2 and len(figures["replays_scored_in_rounds"]) == 2
+    assert sum(figures["replays_scored_in_rounds"]) <= 2 * 2 * 2
+    assert figures["cpu_seconds_by_party"]["shadow"] > 0 and 0 < figures["turn_ratio"] <= 1
     assert "medians" in capsys.readouterr().out
