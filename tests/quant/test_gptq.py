@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from quant.gptq import gptq_int4
+from quant.gptq import Int4Solution, gptq_int4, refit_group_params
 from quant.layers.int4 import Int4WeightOnlyLinear
 from quant.primitives import unpack_int4
 
@@ -88,3 +88,40 @@ def test_a_singular_hessian_is_dampened_further() -> None:
     hessian = torch.outer(v, v) - 0.02 * mean_diagonal * torch.eye(128)
     solution = gptq_int4(linear.weight, hessian, GROUP, act_order=False)
     assert solution.dampening == pytest.approx(0.1)
+
+
+def _hessian_error(weight: torch.Tensor, reference: torch.Tensor, hessian: torch.Tensor) -> float:
+    error = weight - reference
+    return ((error @ hessian) * error).sum().item()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_refitting_the_group_parameters_lowers_the_output_error_for_the_same_codes(seed: int) -> None:
+    linear, _, hessian = correlated_layer(seed)
+    plain = gptq_int4(linear.weight, hessian, GROUP, act_order=False)
+    scales, mins = refit_group_params(linear.weight.detach(), hessian, plain.codes, GROUP)
+    refitted = Int4Solution(plain.codes, scales, mins, plain.dampening)
+    before = _hessian_error(plain.dequantized(), linear.weight.detach(), hessian)
+    after = _hessian_error(refitted.dequantized(), linear.weight.detach(), hessian)
+    assert after < 0.9 * before, (after, before)
+    assert scales.dtype == mins.dtype == torch.float16 and torch.isfinite(scales.float()).all()
+
+
+def test_the_refit_is_exact_least_squares() -> None:
+    """On codes of a weight that lies exactly on an int4 grid, the refit recovers that grid's parameters."""
+    linear, _, hessian = correlated_layer(2)
+    rtn = Int4WeightOnlyLinear.from_linear(linear, GROUP)
+    codes = unpack_int4(rtn.packed)
+    exact = rtn.dequantize_weight()
+    scales, mins = refit_group_params(exact, hessian, codes, GROUP)
+    torch.testing.assert_close(scales, rtn.scales.view_as(scales), rtol=2e-3, atol=1e-6)
+    torch.testing.assert_close(mins, rtn.mins.view_as(mins), rtol=2e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_gptq_with_refits_beats_plain_gptq(seed: int) -> None:
+    linear, x, hessian = correlated_layer(seed)
+    plain = gptq_int4(linear.weight, hessian, GROUP, refit_rounds=0).dequantized()
+    refitted = gptq_int4(linear.weight, hessian, GROUP, refit_rounds=2).dequantized()
+    plain_error, refitted_error = output_error(plain, linear.weight, x), output_error(refitted, linear.weight, x)
+    assert refitted_error < 0.9 * plain_error, (refitted_error, plain_error)
