@@ -10,8 +10,15 @@ most first, while many columns are left to compensate); "static groups" fixes ev
 scale and min from the weights before any update, so each group keeps one contiguous set of
 parameters and the storage is int4's unchanged.
 
-Group parameters are the ones `int4` itself would compute (`int4_group_params`: float16 scale and
-min, codes on that stored grid), so the kernels and the native decode path serve the result as is.
+Group parameters live on `int4`'s stored grid (float16 scale and min, codes 0..15 on that grid), so
+the kernels and the native decode path serve the result as is. Two steps around the column loop
+choose them better than min-max (both optional; `int4-gptq` uses both):
+- before it, `search_group_params`: per group, the range [min, max] pulled in from either end (a
+  clip, 8 x 8 candidates), scored by that group's output error eᵀ B e, B its diagonal block of H
+  (the reference's `Quantizer(mse=True)` scores plain weight MSE instead);
+- after it, `refit_group_params`: given GPTQ's codes, the scales and mins that minimise the layer's
+  output error tr(E H Eᵀ) exactly (least squares, 2 parameters per group and row), optionally with
+  GPTQ re-run on the refitted grid (`refit_rounds` > 1).
 """
 
 from __future__ import annotations

@@ -6,9 +6,16 @@ import pytest
 import torch
 from torch import nn
 
-from quant.gptq import Int4Solution, gptq_int4, refit_group_params
-from quant.layers.int4 import Int4WeightOnlyLinear
-from quant.primitives import unpack_int4
+from quant.gptq import (
+    Int4Solution,
+    diagonal_blocks,
+    gptq_int4,
+    group_output_error,
+    refit_group_params,
+    search_group_params,
+)
+from quant.layers.int4 import Int4WeightOnlyLinear, int4_codes, int4_dequantized, int4_group_params
+from quant.primitives import grouped, unpack_int4
 
 GROUP = 32
 
@@ -125,3 +132,37 @@ def test_gptq_with_refits_beats_plain_gptq(seed: int) -> None:
     refitted = gptq_int4(linear.weight, hessian, GROUP, refit_rounds=2).dequantized()
     plain_error, refitted_error = output_error(plain, linear.weight, x), output_error(refitted, linear.weight, x)
     assert refitted_error < 0.9 * plain_error, (refitted_error, plain_error)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_group_parameter_search_has_less_output_error_than_min_max(seed: int) -> None:
+    linear, _, hessian = correlated_layer(seed)
+    weight = linear.weight.detach()
+    blocks = diagonal_blocks(hessian, GROUP)
+
+    def per_group_error(scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+        scales, mins = scales.view(*scales.shape[:2], 1), mins.view(*mins.shape[:2], 1)
+        quantized = int4_dequantized(int4_codes(weight, scales, mins), scales, mins)
+        return group_output_error(grouped(quantized - weight, GROUP), blocks)
+
+    min_max = per_group_error(*int4_group_params(weight, GROUP))
+    searched = per_group_error(*search_group_params(weight, hessian, GROUP))
+    assert (searched <= min_max * (1 + 1e-5)).all()  # min-max is one of the candidates
+    assert searched.sum() < 0.9 * min_max.sum(), (searched.sum(), min_max.sum())
+
+
+def test_group_output_error_is_the_output_error_of_that_group_alone() -> None:
+    linear, x, hessian = correlated_layer(0)
+    error = torch.zeros_like(linear.weight)
+    error[:, GROUP : 2 * GROUP] = torch.randn(linear.out_features, GROUP, generator=torch.Generator().manual_seed(3))
+    per_group = group_output_error(grouped(error, GROUP), diagonal_blocks(hessian, GROUP))
+    direct = (x @ error.T).pow(2).sum(0) * 2 / x.shape[0]  # H = 2/n Σ x xᵀ
+    torch.testing.assert_close(per_group[:, 1], direct, rtol=1e-4, atol=1e-6)
+    assert (per_group[:, [0, 2, 3]] == 0).all()
+
+
+def test_searched_parameters_are_gptqs_static_groups() -> None:
+    linear, _, hessian = correlated_layer(1)
+    scales, mins = search_group_params(linear.weight.detach(), hessian, GROUP)
+    solution = gptq_int4(linear.weight, hessian, GROUP, search_params=True)
+    assert torch.equal(solution.scales, scales) and torch.equal(solution.mins, mins)
