@@ -6,9 +6,16 @@ import pytest
 import torch
 from torch import nn
 
-from quant.gptq import gptq_int4
-from quant.layers.int4 import Int4WeightOnlyLinear
-from quant.primitives import unpack_int4
+from quant.gptq import (
+    Int4Solution,
+    diagonal_blocks,
+    gptq_int4,
+    group_output_error,
+    refit_group_params,
+    search_group_params,
+)
+from quant.layers.int4 import Int4WeightOnlyLinear, int4_codes, int4_dequantized, int4_group_params
+from quant.primitives import grouped, unpack_int4
 
 GROUP = 32
 
@@ -88,3 +95,74 @@ def test_a_singular_hessian_is_dampened_further() -> None:
     hessian = torch.outer(v, v) - 0.02 * mean_diagonal * torch.eye(128)
     solution = gptq_int4(linear.weight, hessian, GROUP, act_order=False)
     assert solution.dampening == pytest.approx(0.1)
+
+
+def _hessian_error(weight: torch.Tensor, reference: torch.Tensor, hessian: torch.Tensor) -> float:
+    error = weight - reference
+    return ((error @ hessian) * error).sum().item()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_refitting_the_group_parameters_lowers_the_output_error_for_the_same_codes(seed: int) -> None:
+    linear, _, hessian = correlated_layer(seed)
+    plain = gptq_int4(linear.weight, hessian, GROUP, act_order=False)
+    scales, mins = refit_group_params(linear.weight.detach(), hessian, plain.codes, GROUP)
+    refitted = Int4Solution(plain.codes, scales, mins, plain.dampening)
+    before = _hessian_error(plain.dequantized(), linear.weight.detach(), hessian)
+    after = _hessian_error(refitted.dequantized(), linear.weight.detach(), hessian)
+    assert after < 0.9 * before, (after, before)
+    assert scales.dtype == mins.dtype == torch.float16 and torch.isfinite(scales.float()).all()
+
+
+def test_the_refit_is_exact_least_squares() -> None:
+    """On codes of a weight that lies exactly on an int4 grid, the refit recovers that grid's parameters."""
+    linear, _, hessian = correlated_layer(2)
+    rtn = Int4WeightOnlyLinear.from_linear(linear, GROUP)
+    codes = unpack_int4(rtn.packed)
+    exact = rtn.dequantize_weight()
+    scales, mins = refit_group_params(exact, hessian, codes, GROUP)
+    torch.testing.assert_close(scales, rtn.scales.view_as(scales), rtol=2e-3, atol=1e-6)
+    torch.testing.assert_close(mins, rtn.mins.view_as(mins), rtol=2e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_gptq_with_refits_beats_plain_gptq(seed: int) -> None:
+    linear, x, hessian = correlated_layer(seed)
+    plain = gptq_int4(linear.weight, hessian, GROUP, refit_rounds=0).dequantized()
+    refitted = gptq_int4(linear.weight, hessian, GROUP, refit_rounds=2).dequantized()
+    plain_error, refitted_error = output_error(plain, linear.weight, x), output_error(refitted, linear.weight, x)
+    assert refitted_error < 0.9 * plain_error, (refitted_error, plain_error)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_group_parameter_search_has_less_output_error_than_min_max(seed: int) -> None:
+    linear, _, hessian = correlated_layer(seed)
+    weight = linear.weight.detach()
+    blocks = diagonal_blocks(hessian, GROUP)
+
+    def per_group_error(scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+        scales, mins = scales.view(*scales.shape[:2], 1), mins.view(*mins.shape[:2], 1)
+        quantized = int4_dequantized(int4_codes(weight, scales, mins), scales, mins)
+        return group_output_error(grouped(quantized - weight, GROUP), blocks)
+
+    min_max = per_group_error(*int4_group_params(weight, GROUP))
+    searched = per_group_error(*search_group_params(weight, hessian, GROUP))
+    assert (searched <= min_max * (1 + 1e-5)).all()  # min-max is one of the candidates
+    assert searched.sum() < 0.9 * min_max.sum(), (searched.sum(), min_max.sum())
+
+
+def test_group_output_error_is_the_output_error_of_that_group_alone() -> None:
+    linear, x, hessian = correlated_layer(0)
+    error = torch.zeros_like(linear.weight)
+    error[:, GROUP : 2 * GROUP] = torch.randn(linear.out_features, GROUP, generator=torch.Generator().manual_seed(3))
+    per_group = group_output_error(grouped(error, GROUP), diagonal_blocks(hessian, GROUP))
+    direct = (x @ error.T).pow(2).sum(0) * 2 / x.shape[0]  # H = 2/n Σ x xᵀ
+    torch.testing.assert_close(per_group[:, 1], direct, rtol=1e-4, atol=1e-6)
+    assert (per_group[:, [0, 2, 3]] == 0).all()
+
+
+def test_searched_parameters_are_gptqs_static_groups() -> None:
+    linear, _, hessian = correlated_layer(1)
+    scales, mins = search_group_params(linear.weight.detach(), hessian, GROUP)
+    solution = gptq_int4(linear.weight, hessian, GROUP, search_params=True)
+    assert torch.equal(solution.scales, scales) and torch.equal(solution.mins, mins)

@@ -127,7 +127,6 @@ MISSES: dict[str, str] = {
     "bnb-int8": f"measured +1.93%: LLM.int8() as int8-mixed; {_W8A8}",
     "int4": f"measured +32.6% in quantserve-bench (4096 tokens; +33.9% before int4's float GEMM from 128 rows): {_GRID}",
     "int4-hqq": f"measured +25.7% in quantserve-bench (4096 tokens; +27.7% before int4's float GEMM from 128 rows): {_GRID}",
-    "int4-gptq": f"measured +26.1% in tools.quality (8192 tokens): {_GRID}",
     "nf4": f"measured +19.6%: {_GRID}",
     "bnb-nf4": f"measured +19.5%: {_GRID}",
     "bnb-fp4": f"measured +37.8%: FP4's coarse levels; {_GRID}",
