@@ -243,7 +243,7 @@ def test_int8_static_process_takes_its_calibration_settings(tiny_model_dir: Path
     with serve_process(env, tmp_path / "server.log") as (base_url, _):
         info = httpx.get(f"{base_url}/info").json()
     options = info["options"]
-    assert options["activation_observer"] == "percentile" and options["smoothquant_alpha"] == 0.25
+    assert options["activation_observer"] == "percentile" and options["smoothquant_alpha"] == "0.25"
     calibration = info["quantization"]["calibration"]
     assert calibration["source"] == str(text.resolve()) and calibration["tokens"] == 300
     assert not calibration["cached"] and calibration["seconds"] > 0
