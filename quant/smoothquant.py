@@ -31,7 +31,7 @@ from torch import nn
 from quant.primitives import quantize_symmetric
 
 _MIN_FACTOR = 1e-5
-ALPHA_GRID = tuple(i / 20 for i in range(20))  # 0, 0.05, ..., 0.95 (α = 1 leaves the weights all the range)
+ALPHA_GRID = tuple(i / 10 for i in range(10))  # 0, 0.1, ..., 0.9 (α = 1 leaves the weights all the range)
 _QMAX = 127
 
 
@@ -148,28 +148,37 @@ def fake_quantize_input(x: torch.Tensor, clip: float | None) -> torch.Tensor:
 
 @torch.no_grad()
 def output_error(
-    model: nn.Module, group: SmoothGroup, rows: torch.Tensor, act_absmax: torch.Tensor, alpha: float, per_token: bool
+    model: nn.Module,
+    group: SmoothGroup,
+    rows: torch.Tensor,
+    act_absmax: torch.Tensor,
+    alpha: float,
+    per_token: bool,
+    exact: list[torch.Tensor] | None = None,
 ) -> float:
     """Σ over the group's readers of ‖x Wᵀ − Q(x / s) Q(W s)ᵀ‖² on calibration `rows` [n, channels], after
-    smoothing with α; a static input's step comes from the whole calibration's maxima `act_absmax`."""
+    smoothing with α; a static input's step comes from the whole calibration's maxima `act_absmax`.
+    `exact`: the readers' float outputs x Wᵀ, when the caller already has them."""
     if alpha > 0:
         per_channel = smoothing_factors(model, group, act_absmax, alpha)[group.channel_map]
     else:
         per_channel = torch.ones(group.channel_map.numel())
     x = rows.float()
+    weights = [model.get_submodule(name).weight.detach().float() for name in group.readers]
+    exact = exact if exact is not None else [x @ weight.t() for weight in weights]
     clip = None if per_token else max(float((act_absmax.float() / per_channel).max()), 1e-12)
     x_quantized = fake_quantize_input(x / per_channel, clip)
     error = 0.0
-    for name in group.readers:
-        weight = model.get_submodule(name).weight.detach().float()
-        exact = x @ weight.t()
-        error += float((exact - x_quantized @ fake_quantize_weight(weight * per_channel).t()).pow(2).sum())
+    for weight, want in zip(weights, exact, strict=True):
+        error += float((want - x_quantized @ fake_quantize_weight(weight * per_channel).t()).pow(2).sum())
     return error
 
 
+@torch.no_grad()
 def best_alpha(
     model: nn.Module, group: SmoothGroup, rows: torch.Tensor, act_absmax: torch.Tensor, per_token: bool
 ) -> float:
     """The α of `ALPHA_GRID` with the least `output_error` for `group` (weights not yet smoothed)."""
-    errors = [output_error(model, group, rows, act_absmax, alpha, per_token) for alpha in ALPHA_GRID]
+    exact = [rows.float() @ model.get_submodule(name).weight.detach().float().t() for name in group.readers]
+    errors = [output_error(model, group, rows, act_absmax, alpha, per_token, exact) for alpha in ALPHA_GRID]
     return ALPHA_GRID[min(range(len(errors)), key=errors.__getitem__)]

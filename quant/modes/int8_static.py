@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 _BATCH_SEQUENCES = 4  # calibration sequences per forward (memory: activations of 4 x 512 tokens)
 _SCALE_ATTRIBUTE = "static_act_scale"  # set on each calibrated nn.Linear, read by quantize_linear
 _DYNAMIC_ATTRIBUTE = "per_token_activations"  # set on the linears served with per-token steps
-_SAMPLE_ROWS = 1024  # calibration rows kept per input for the α search (spread over every batch)
+_SAMPLE_ROWS = 512  # calibration rows kept per input for the α search (spread over every batch)
 
 
 def _input_readers(model: nn.Module, groups: list[SmoothGroup]) -> dict[str, list[str]]:
