@@ -61,7 +61,16 @@ class QuantOptions:
         "99.99th percentile of |x|, or the clip with the least squared error)",
         choices=ACTIVATION_OBSERVERS,
     )
-    smoothquant_alpha: float = knob(0.85, "int8-static: SmoothQuant migration strength, 0 to 1 (0: no smoothing)")
+    smoothquant_alpha: str = knob(
+        "auto",
+        "int8-static: SmoothQuant migration strength, 0 to 1 (0: no smoothing), or auto: chosen per layer "
+        "group from the calibration data",
+    )
+    dynamic_activation_modules: tuple[str, ...] = knob(
+        ("down_proj",),
+        "int8-static: module name patterns (fnmatch) whose input is quantized per token at run time "
+        "(int8-dynamic's path, after smoothing) instead of with a calibrated step; empty: every input static",
+    )
     device: str = "cpu"  # where the model runs: resolved by the caller, not a knob
 
     def __post_init__(self) -> None:
@@ -115,6 +124,10 @@ def knob_default(name: str) -> Any:
 
 def normalize_knob(name: str, value: object) -> object:
     """The canonical form of a knob's value: a bool (or "True", "1") for the head's knob becomes "true"/"false"."""
+    if name == "smoothquant_alpha" and isinstance(value, int | float) and not isinstance(value, bool):
+        return repr(float(value))  # 0.5 -> "0.5": one spelling for the cache key and /info
+    if name == "smoothquant_alpha" and isinstance(value, str):
+        return value.strip().lower()
     if name == "quantize_lm_head":
         if isinstance(value, bool):
             return "true" if value else "false"
@@ -131,14 +144,22 @@ def check_knob(name: str, value: object) -> None:
         raise ValueError(f"{label} must be one of {one_of(meta['choices'])}, got {value!r}")
     if meta["positive"] and not (isinstance(value, int | float) and value > 0):
         raise ValueError(f"{label} must be greater than 0, got {value!r}")
-    if name == "smoothquant_alpha" and not (isinstance(value, int | float) and 0 <= value <= 1):
-        raise ValueError(f"{label} must be between 0 and 1, got {value!r}")
+    if name == "smoothquant_alpha" and value != "auto" and not 0 <= _as_float(value) <= 1:
+        raise ValueError(f"{label} must be auto or between 0 and 1, got {value!r}")
     if name == "calibration_file" and value and not Path(str(value)).expanduser().is_file():
         raise ValueError(f"{value!r} is not a file (leave it empty for Python's own pydoc_data.topics)")
-    if name == "skip_modules":
+    if name in ("skip_modules", "dynamic_activation_modules"):
         for pattern in value:  # type: ignore[attr-defined]
             if not _MODULE_PATTERN.fullmatch(pattern):
                 raise ValueError(f"{pattern!r} is not a module name pattern (letters, digits, _ . * ? [ ])")
+
+
+def _as_float(value: object) -> float:
+    """`value` as a float, or NaN (which no range check passes)."""
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return float("nan")
 
 
 def split_patterns(value: str) -> tuple[str, ...]:

@@ -54,7 +54,8 @@ INVALID: dict[str, tuple[str, str]] = {
     "QS_CALIBRATION_FILE": ("/no/such/calibration.txt", "is not a file"),
     "QS_CALIBRATION_TOKENS": ("0", "greater than 0"),
     "QS_ACTIVATION_OBSERVER": ("max", "minmax, percentile or mse"),
-    "QS_SMOOTHQUANT_ALPHA": ("2", "between 0 and 1"),
+    "QS_SMOOTHQUANT_ALPHA": ("2", "auto or between 0 and 1"),
+    "QS_DYNAMIC_ACTIVATION_MODULES": ("down proj", "module name pattern"),
     "QS_LOG_LEVEL": ("verbose", "'debug'"),
     "QS_KERNELS": ("fast", "'reference'"),
     "QS_KERNEL_ISA": ("neon", "'avx2'"),
@@ -127,6 +128,7 @@ VALID_IN_PROCESS = {
     "QS_FP8_FORMAT",
     "QS_QUANTIZE_LM_HEAD",
     "QS_SKIP_MODULES",
+    "QS_DYNAMIC_ACTIVATION_MODULES",
     "QS_CALIBRATION_FILE",
     "QS_CALIBRATION_TOKENS",
     "QS_ACTIVATION_OBSERVER",
@@ -238,15 +240,18 @@ def test_int8_static_process_takes_its_calibration_settings(tiny_model_dir: Path
         "QS_CALIBRATION_TOKENS": "300",
         "QS_ACTIVATION_OBSERVER": "percentile",
         "QS_SMOOTHQUANT_ALPHA": "0.25",
+        "QS_DYNAMIC_ACTIVATION_MODULES": "o_proj, down_proj",
         "QS_CACHE_DIR": str(tmp_path / "cache"),
     }
     with serve_process(env, tmp_path / "server.log") as (base_url, _):
         info = httpx.get(f"{base_url}/info").json()
     options = info["options"]
-    assert options["activation_observer"] == "percentile" and options["smoothquant_alpha"] == 0.25
+    assert options["activation_observer"] == "percentile" and options["smoothquant_alpha"] == "0.25"
+    assert options["dynamic_activation_modules"] == ["o_proj", "down_proj"]
     calibration = info["quantization"]["calibration"]
     assert calibration["source"] == str(text.resolve()) and calibration["tokens"] == 300
     assert not calibration["cached"] and calibration["seconds"] > 0
+    assert "model.layers.0.self_attn.o_proj" in calibration["details"]["dynamic_layers"]
 
 
 def test_multi_mode_process_takes_its_modes_memory_and_shadow(tiny_model_dir: Path, tmp_path: Path) -> None:

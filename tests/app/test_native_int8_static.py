@@ -38,6 +38,8 @@ def test_the_decoder_takes_each_layer_with_its_calibrated_scale(static_model) ->
     assert type(layer) is Int8StaticLinear
     kind, tensors, _, _ = linear_spec(layer)
     assert kind == "int8_static" and tensors[2] is layer.act_scale
+    # down_proj's input is quantized per token (dynamic_activation_modules): int8-dynamic's kind
+    assert linear_spec(static_model.model.layers[0].mlp.down_proj)[0] == "int8_row"
 
 
 def test_every_phase_as_the_torch_ops(static_model, isa) -> None:

@@ -13,10 +13,11 @@ import quant
 from quant.calibration import CalibrationContext
 from quant.kernels.int8_static import int8_static_linear, quantize_static, reference_int8_static_linear
 from quant.kernels.reference import int8_dynamic_linear
+from quant.layers.int8 import Int8DynamicLinear
 from quant.layers.int8_static import Int8StaticLinear
 from quant.observers import HistogramObserver
 from quant.primitives import quantize_symmetric
-from quant.smoothquant import apply_smoothing, llama_groups, smoothing_factors
+from quant.smoothquant import ALPHA_GRID, apply_smoothing, best_alpha, llama_groups, output_error, smoothing_factors
 
 
 def int8_weight(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,8 +214,12 @@ def test_the_tiny_model_end_to_end(tmp_path: Path, observer: str) -> None:
     assert (report.layers_quantized, report.layers_fallback) == (15, 0)  # the untied head too
     assert report.calibration is not None and report.calibration.details["smoothed_groups"] == 8
     layers = model.model.layers
-    assert all(type(m) is Int8StaticLinear for m in layers[0].modules() if isinstance(m, nn.Linear | Int8StaticLinear))
     attn, mlp = layers[0].self_attn, layers[0].mlp
+    # down_proj (the default dynamic_activation_modules) keeps per-token steps, the rest is static
+    assert type(mlp.down_proj) is Int8DynamicLinear
+    assert all(type(m) is Int8StaticLinear for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.up_proj))
+    details = report.calibration.details
+    assert details["dynamic_layers"] == [f"model.layers.{i}.mlp.down_proj" for i in range(2)]
     # readers of one input share one step (the native step quantizes it once)
     assert attn.q_proj.act_scale == attn.k_proj.act_scale == attn.v_proj.act_scale
     assert mlp.gate_proj.act_scale == mlp.up_proj.act_scale
@@ -242,10 +247,84 @@ def test_alpha_zero_smooths_nothing() -> None:
 
 
 def test_the_knobs_are_checked() -> None:
-    with pytest.raises(ValueError, match="smoothquant alpha must be between 0 and 1"):
-        quant.QuantOptions(smoothquant_alpha=1.5)
+    for bad in (1.5, "-0.1", "half"):
+        with pytest.raises(ValueError, match="smoothquant alpha must be auto or between 0 and 1"):
+            quant.QuantOptions(smoothquant_alpha=bad)
+    assert quant.QuantOptions(smoothquant_alpha=0.5).smoothquant_alpha == "0.5"  # one spelling: the cache key
+    assert quant.QuantOptions(smoothquant_alpha=" AUTO").smoothquant_alpha == "auto"
+    with pytest.raises(ValueError, match="not a module name pattern"):
+        quant.QuantOptions(dynamic_activation_modules=("down proj",))
     with pytest.raises(ValueError, match="activation observer must be one of minmax, percentile or mse"):
         quant.QuantOptions(activation_observer="histogram")
+
+
+def outlier_rows(generator: torch.Generator) -> tuple[torch.Tensor, nn.Linear]:
+    x = torch.randn(512, 128, generator=generator)
+    x[:, [7, 40]] *= 80  # two outlier channels
+    linear = nn.Linear(128, 64, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(64, 128, generator=generator) * 0.05)
+    return x, linear
+
+
+def test_the_alpha_search_takes_the_grid_point_with_the_least_output_error() -> None:
+    from quant.smoothquant import SmoothGroup
+
+    x, linear = outlier_rows(torch.Generator().manual_seed(0))
+    model = nn.Module()
+    model.reader = linear
+    group = SmoothGroup("g", ("reader",), "source", "rows", torch.arange(128))
+    absmax = x.abs().amax(0)
+    for per_token in (False, True):
+        errors = {a: output_error(model, group, x, absmax, a, per_token) for a in ALPHA_GRID}
+        chosen = best_alpha(model, group, x, absmax, per_token)
+        assert errors[chosen] == min(errors.values())
+        assert errors[chosen] < errors[0.0] / 3  # the outliers are worth migrating
+    # the measured error is the real one: α 0 static is the plain static layer's
+    exact = x @ linear.weight.detach().t()
+    layer = Int8StaticLinear.from_linear(linear, float(absmax.max() / 127))
+    with torch.no_grad():
+        plain = float((layer(x) - exact).pow(2).sum())
+    assert output_error(model, group, x, absmax, 0.0, False) == pytest.approx(plain, rel=1e-4)
+
+
+def test_auto_alpha_and_static_down_proj_end_to_end(tmp_path: Path) -> None:
+    model = tiny_llama()
+    options = {"quantize_lm_head": "false", "dynamic_activation_modules": ()}
+    report = calibrated(model, tmp_path, **options)  # smoothquant_alpha: auto, the default
+    details = report.calibration.details
+    assert details["smoothquant_alpha"] == "auto" and details["dynamic_layers"] == []
+    assert set(details["alpha_by_kind"]) == {"qkv", "o", "gate_up", "down"}
+    assert all(len(a) == 2 and set(a) <= set(ALPHA_GRID) for a in details["alpha_by_kind"].values())
+    assert type(model.model.layers[1].mlp.down_proj) is Int8StaticLinear
+    # minmax's step comes from pass 1's maxima: the largest smoothed input calibration showed, exactly
+    smoothed = tiny_llama()
+    quant.make_config("int8-static", quant.QuantOptions(**options)).apply_calibration(
+        smoothed, {k: v for k, v in report_state(tmp_path).items() if k.startswith("smooth.")}
+    )
+    seen = []
+    hook = smoothed.model.layers[1].mlp.down_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0].abs().max()))
+    from quant.calibration import calibration_sequences, read_calibration_text
+
+    text, _ = read_calibration_text("")
+    with torch.no_grad():
+        smoothed(calibration_sequences(ByteTokenizer(), text, 2048))
+    hook.remove()
+    step = float(model.model.layers[1].mlp.down_proj.act_scale)
+    assert step * 127 == pytest.approx(float(max(seen)), rel=1e-5)
+    again = tiny_llama()
+    assert calibrated(again, tmp_path, **options).calibration.cached
+    ids = torch.randint(0, 300, (1, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def report_state(cache: Path) -> dict[str, torch.Tensor]:
+    """The one cached calibration state under `cache`."""
+    from safetensors.torch import load_file
+
+    (entry,) = [p for p in cache.rglob("*.safetensors")]
+    return load_file(entry)
 
 
 def test_a_linear_calibration_never_saw_stays_float() -> None:

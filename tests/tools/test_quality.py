@@ -112,17 +112,16 @@ def test_cli_rejects_unknown_modes(capsys) -> None:
 
 
 # Issue 4's bounds on the perplexity increase over fp32 (WikiText-2 test), by bits per weight;
-# fp8 has its own. A mode that misses is listed in MISSES with its measured figure: the bound
+# fp8 and int8-static have their own. A mode that misses is listed in MISSES with its measured figure: the bound
 # itself is not loosened.
 PPL_BOUND_BY_BITS = {8: 0.01, 4: 0.10}
-PPL_BOUND_OF_MODE = {"fp8": 0.03}
+PPL_BOUND_OF_MODE = {"fp8": 0.03, "int8-static": 0.02}  # int8-static: issue 14's target
 PPL_BOUND = {m: PPL_BOUND_OF_MODE.get(m, PPL_BOUND_BY_BITS[bits(m)]) for m in QUANTIZED_MODES}
 # Measured with SLOW_BUDGET, native kernels (quantserve-avx512vnni), fp32 perplexity 18.473.
 _W8A8 = "per-token int8 activations lose precision on this 135M model's activation outliers (|x| up to ~3000)"
 _GRID = "4-bit at group 64 on a 135M model whose weights sit on a group-32 4-bit grid that group 64 cannot follow"
 MISSES: dict[str, str] = {
     "int8-dynamic": f"measured +3.56%: {_W8A8}",
-    "int8-static": f"measured +13.49% (8192 tokens, calibrated on 8192): one fixed step per input; {_W8A8}",
     "int8-mixed": f"measured +1.56%: features under the threshold 6 still take the int8 rounding; {_W8A8}",
     "bnb-int8": f"measured +1.93%: LLM.int8() as int8-mixed; {_W8A8}",
     "int4": f"measured +32.6% in quantserve-bench (4096 tokens; +33.9% before int4's float GEMM from 128 rows): {_GRID}",
