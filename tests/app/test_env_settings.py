@@ -272,7 +272,7 @@ def test_multi_mode_process_takes_its_modes_memory_and_shadow(tiny_model_dir: Pa
             time.sleep(0.1)
     assert [m["precision"] for m in info["modes"]] == ["int8", "fp32"] and info["precision"] == "int8"
     assert info["memory"]["max_memory"] == 4 * 1024**3
-    assert info["shadow"] == {"reference": "fp32", "sample": 1.0, "scored": 1, "failed": 0, "dropped": 0}
+    assert info["shadow"] == {"reference": "fp32", "sample": 1.0, "scored": 1, "failed": 0, "dropped": 0, "pending": 0}
 
 
 @pytest.mark.real_model
