@@ -25,6 +25,9 @@ def results() -> dict[str, quality.QualityResult]:
 
 @pytest.mark.slow
 @pytest.mark.real_model
+# fp32, int4 and two calibrated modes over 8,192 tokens, plus two calibrations of about 2 min each:
+# about 10 min on a quiet 2-core machine, more than the suite's 600 s limit
+@pytest.mark.timeout(2400)
 @pytest.mark.parametrize(
     "mode",
     [
