@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import math
 import time
@@ -13,7 +12,7 @@ import torch
 from torch import nn
 
 from quant.calibration import CalibrationContext, CalibrationInfo, calibrate
-from quant.config import QuantConfig
+from quant.config import QuantConfig, module_matches
 from quant.kernels import REFERENCE
 from quant.layers.base import QuantizedLinear
 from quant.layers.int8_grouped import Int8G32Embedding, Int8G32Linear
@@ -109,11 +108,6 @@ def module_bytes(module: nn.Module) -> int:
     """Bytes of the weights a module holds: parameters, buffers, and what quantized layers keep elsewhere."""
     extra = [t for m in module.modules() if isinstance(m, QuantizedLinear) for t in m.extra_tensors()]
     return tensor_bytes([*module.parameters(), *module.buffers(), *extra])
-
-
-def _matches(name: str, patterns: tuple[str, ...]) -> bool:
-    # "down_proj" matches "model.layers.3.mlp.down_proj"; globs work as usual.
-    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, f"*.{p}") for p in patterns)
 
 
 def _as_linear(module: nn.Module) -> nn.Linear | None:
@@ -248,7 +242,7 @@ def _replace_linears(
         head_policy = _tied_head_policy(config, linear) if tied_head else "mode"
         if (
             (filter_fn is not None and not filter_fn(module, name))
-            or _matches(name, config.skip_modules)
+            or module_matches(name, config.skip_modules)
             or head_policy == "float"
         ):
             report.layers_skipped += 1

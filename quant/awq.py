@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from quant.gptq import diagonal_blocks
 from quant.layers.int4 import int4_codes, int4_dequantized, int4_group_params
 from quant.layerwise import (
     ATTENTION_IN,
@@ -77,11 +78,7 @@ def search_scales(
 
 def search_clip(weight: torch.Tensor, hessian: torch.Tensor, group_size: int) -> torch.Tensor:
     """Per group the clip bound [out, n_groups] with the smallest error on that group's output."""
-    n_groups = weight.shape[1] // group_size
-    # diagonal blocks of H: [n_groups, group_size, group_size]
-    blocks = torch.stack(
-        [hessian[g * group_size : (g + 1) * group_size, g * group_size : (g + 1) * group_size] for g in range(n_groups)]
-    )
+    blocks = diagonal_blocks(hessian, group_size)  # [n_groups, group_size, group_size]
     wg = grouped(weight.float(), group_size)
     absmax = wg.abs().amax(dim=-1, keepdim=True)
     best_error = torch.full(absmax.shape[:-1], float("inf"), device=weight.device)

@@ -7,6 +7,7 @@ CLI); each mode turns them into its own frozen config with `from_options`.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import re
 from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
@@ -160,6 +161,12 @@ def _as_float(value: object) -> float:
         return float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return float("nan")
+
+
+def module_matches(name: str, patterns: tuple[str, ...]) -> bool:
+    """Whether module `name` matches a pattern knob: "down_proj" matches "model.layers.3.mlp.down_proj";
+    globs work as usual."""
+    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, f"*.{p}") for p in patterns)
 
 
 def split_patterns(value: str) -> tuple[str, ...]:

@@ -28,9 +28,8 @@ from quant.config import QuantOptions, knob_default
 from quant.registry import make_config
 
 
-def time_mode(mode: str, args: argparse.Namespace) -> float:
-    model, tokenizer, _ = load_float_model(args.model, args.cache_dir)
-    text, label = read_calibration_text(args.calibration_file)
+def time_mode(mode: str, text: str, label: str, args: argparse.Namespace) -> float:
+    model, tokenizer, _ = load_float_model(args.model, args.cache_dir)  # fresh: calibrate changes the model
     sequences = calibration_sequences(tokenizer, text, args.tokens, label=label)
     config = make_config(mode, QuantOptions(group_size=args.group_size))
     if not config.calibrated:
@@ -62,8 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"load average before: {os.getloadavg()[0]:.1f}")
+    text, label = read_calibration_text(args.calibration_file)
     for mode in args.modes.split(","):
-        time_mode(mode.strip(), args)
+        time_mode(mode.strip(), text, label, args)
     print(f"load average after: {os.getloadavg()[0]:.1f}")
     return 0
 

@@ -17,7 +17,6 @@ A linear calibration did not see (e.g. a GPT-2 Conv1D) stays float and is counte
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import math
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from quant.config import CalibratedConfig, knob_default
+from quant.config import CalibratedConfig, knob_default, module_matches
 from quant.layers.int8 import Int8DynamicLinear
 from quant.layers.int8_static import Int8StaticLinear
 from quant.observers import HistogramObserver
@@ -50,11 +49,6 @@ def _input_readers(model: nn.Module, groups: list[SmoothGroup]) -> dict[str, lis
         if isinstance(module, nn.Linear) and name not in grouped:
             readers[name] = [name]
     return readers
-
-
-def _matches(name: str, patterns: tuple[str, ...]) -> bool:
-    # as skip_modules: "down_proj" matches "model.layers.3.mlp.down_proj"
-    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, f"*.{p}") for p in patterns)
 
 
 def _run(model: nn.Module, sequences: torch.Tensor, observe: dict[str, Any]) -> None:
@@ -112,7 +106,9 @@ class Int8StaticConfig(CalibratedConfig):
         readers = _input_readers(model, groups)
         # an input is quantized per token when any of its readers matches (its readers share one quantizer)
         dynamic = {
-            name for name, names in readers.items() if any(_matches(r, self.dynamic_activation_modules) for r in names)
+            name
+            for name, names in readers.items()
+            if any(module_matches(r, self.dynamic_activation_modules) for r in names)
         }
         auto = self.smoothquant_alpha == "auto"
         if not auto and float(self.smoothquant_alpha) == 0:  # the knob's "off"
