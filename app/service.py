@@ -242,6 +242,8 @@ class ModelService:
             engine.stop()
         if self.shadow is not None:
             self.shadow.stop()
+        if self.share is not None:
+            self.share.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     async def drain(self, timeout: float, cut_short: asyncio.Event | None = None) -> None:

@@ -7,6 +7,9 @@ the output processor (`output.py`) turns each row of logits into a
 `TokenEvent`, and a sequence that ends leaves the batch, freeing its slot,
 before its last event goes out.
 
+With a `FairShare` (several modes, or a shadow scorer), the worker waits for its turn and hands
+each step to the share's compute thread, where every engine's steps run: one thread runs torch.
+
 Events travel back to the caller's event loop through `call_soon_threadsafe`,
 so the loop never waits on the model, and the model never waits on a client.
 
@@ -24,7 +27,6 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -257,15 +259,14 @@ class Engine:
     def _work(self) -> None:
         try:
             while self._scheduler.wait_for_work():
-                with self._turn():
+                if self._share is None:  # the only party: the step runs on this thread
                     self.step()
+                else:  # in its turn, on the share's one compute thread
+                    self._share.run(self.name, self.step)
         except BaseException as error:  # the worker dies: nobody may be left waiting for it
             self._fault(error)
             return
         self._abort_all()
-
-    def _turn(self) -> AbstractContextManager[None]:
-        return self._share.turn(self.name) if self._share is not None else nullcontext()
 
     def _fault(self, error: BaseException) -> None:
         """The model failed: fail every running and waiting request at once, and take no more."""

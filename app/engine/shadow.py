@@ -12,9 +12,9 @@ teacher-forced forward on the reference model and compares, per generated token:
 The replay runs only in turns of the process's `FairShare`, with a small weight, so under
 load it gets at most that share of the CPU and otherwise the idle time. It goes in chunks of
 `REPLAY_CHUNK_TOKENS` positions over a KV cache, one turn each: a whole replay (a forward of
-the prompt and the answer, 0.3 s or more in fp32 here) would be one turn the served engines wait
-through whole, so the share would be kept only on average and each replay would stall every
-request in flight; a chunk is about as long as a few decode steps. Offers beyond a short
+the prompt and the answer, 0.3 s or more in fp32 here for long ones) would be one turn the served
+engines wait through whole, so the share would be kept only on average and a long replay would
+stall every request in flight for as long; a chunk bounds that stall. Offers beyond a short
 queue are dropped, and a replay that fails is counted and dropped: neither reaches a client.
 `score_replay` is also what the offline twin (`tools.quality --replay`) uses.
 """
@@ -39,10 +39,12 @@ SHADOW = "shadow"  # the scorer's name in the FairShare
 # Finished answers waiting for their replay; beyond this they are dropped (and counted): a
 # backlog would hold every kept logits row in memory and report on traffic long gone.
 QUEUE_SIZE = 16
-# Positions of a replay per fair-share turn. An fp32 forward of 32 positions of the default
-# model takes about as long as three int4 decode steps of a batch of 8 on 2 cores; fewer
-# positions per forward cost more per position (every chunk re-reads all the weights).
-REPLAY_CHUNK_TOKENS = 32
+# Positions of a replay per fair-share turn: the longest a served step waits behind the scorer.
+# Each forward costs ~60 ms before its first position (the fp32 weights streamed once, small-M
+# GEMMs) and ~1.2 ms per position after it (default model, 2 cores, Xeon): chunks of 32 made a
+# replay cost twice what one forward does, so at 5% sampling the scorer needed ~8% of the CPU
+# and was always behind. 128 positions (~0.2 s) hold most answers in one or two turns.
+REPLAY_CHUNK_TOKENS = 128
 
 
 @dataclass(frozen=True)
@@ -202,13 +204,19 @@ class ShadowScorer:
         return self._queue.unfinished_tasks
 
     def _replay(self, replay: _Replay) -> ReplayScore:
-        """One replay, a fair-share turn per chunk; the scoring goes in the last chunk's turn."""
+        """One replay, a fair-share turn per chunk (on the share's compute thread, where the engines'
+        steps run too); the scoring goes in the last chunk's turn."""
         forward = ReferenceReplay(self.model, replay.prompt_ids, replay.generated, self.chunk_tokens)
-        while True:
-            with self._share.turn(SHADOW):
-                forward.step()
-                if forward.finished:
-                    return score_replay(replay.served_logits, forward.logits(), replay.generated)
+
+        def chunk() -> ReplayScore | None:
+            forward.step()
+            if not forward.finished:
+                return None
+            return score_replay(replay.served_logits, forward.logits(), replay.generated)
+
+        while (score := self._share.run(SHADOW, chunk)) is None:
+            pass
+        return score
 
     def _work(self) -> None:
         while (replay := self._queue.get()) is not None:

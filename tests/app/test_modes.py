@@ -219,6 +219,71 @@ def test_an_idle_party_saves_no_credit():
     assert after.count("a") >= len(after) // 3  # a keeps its turns once b arrives
 
 
+def test_time_used_while_the_others_were_idle_is_not_charged_later():
+    """The scorer drains its backlog alone while the engine is idle, then waits for new replays;
+    when traffic and replays come back it gets its weight's share at once, not only after the
+    engine has caught up with all the scorer did alone."""
+    share = FairShare()
+    share.join("int4")
+    share.join("shadow", 0.05, background=True)
+    stop, scoring = threading.Event(), threading.Event()
+
+    def scorer() -> None:
+        while not stop.is_set():
+            if scoring.wait(0.01):
+                share.run("shadow", lambda: time.sleep(0.01))
+
+    def engine() -> None:
+        while not stop.is_set():
+            share.run("int4", lambda: time.sleep(0.004))
+
+    threads = [threading.Thread(target=scorer), threading.Thread(target=engine)]
+    scoring.set()
+    threads[0].start()
+    time.sleep(0.5)  # alone: ~0.5 s of turns, ten seconds on its weighted clock
+    scoring.clear()  # drained
+    time.sleep(0.2)  # idle, all of it
+    threads[1].start()  # traffic comes back
+    time.sleep(0.1)
+    before = share.used_seconds()
+    scoring.set()  # and new replays with it
+    time.sleep(1.0)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    used = share.used_seconds()
+    assert before["shadow"] > 0.3
+    scorer_after, engine_after = used["shadow"] - before["shadow"], used["int4"] - before["int4"]
+    # 0.05 / 1.05 of the time is asked; charged for its time alone, it would get none for ten seconds
+    assert 0.02 < scorer_after / (scorer_after + engine_after) < 0.15
+
+
+def test_run_does_every_participants_work_on_one_thread():
+    """One OpenMP team: the work of all participants runs on the share's compute thread."""
+    share = FairShare()
+    share.join("int4")
+    share.join("shadow", 0.05, background=True)
+    seen: dict[str, int] = {}
+
+    def work(name: str) -> str:
+        seen[name] = threading.get_ident()
+        return name
+
+    results = []
+    threads = [
+        threading.Thread(target=lambda n=n: results.append(share.run(n, lambda: work(n)))) for n in ("int4", "shadow")
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(results) == ["int4", "shadow"]
+    assert seen["int4"] == seen["shadow"] != threading.get_ident()
+    with pytest.raises(ZeroDivisionError):  # what the work raises reaches the caller
+        share.run("int4", lambda: 1 / 0)
+    share.close()
+
+
 def test_busy_mode_does_not_starve_another_under_mixed_load(make_client, monkeypatch):
     """A flood on the default mode, then one request on the other: it runs interleaved, step by step."""
     steps: list[str] = []
