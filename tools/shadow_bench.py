@@ -65,6 +65,9 @@ def measure(args: argparse.Namespace, logs: Path) -> dict[str, object]:
     common = {"QS_MAX_BATCH_SIZE": str(args.clients)}
     shadowed = {**common, "QS_SHADOW_REFERENCE": args.reference, "QS_SHADOW_SAMPLE": str(args.sample)}
     rounds: dict[str, list[float]] = {"plain": [], "shadowed": []}
+    # per round, the 95th percentile of the requests' mean time per output token: a replay chunk
+    # is a pause every stream in flight waits through, so latency is reported beside throughput
+    tpot_p95: dict[str, list[float]] = {"plain": [], "shadowed": []}
     # per shadowed round: the seconds each party held its turn during the round, the replays it
     # scored during the round, and the seconds its leftover replays took after it
     round_turns: list[dict[str, float]] = []
@@ -92,6 +95,7 @@ def measure(args: argparse.Namespace, logs: Path) -> dict[str, object]:
                 if result.failed:
                     raise RuntimeError(f"{name}: {result.failed} requests failed")
                 rounds[name].append(result.tokens_per_second)
+                tpot_p95[name].append(result.tpot_p95)
                 if name == "shadowed":
                     after = _info(urls[name])
                     used_before, used_after = before["cpu_seconds_by_party"], after["cpu_seconds_by_party"]
@@ -115,6 +119,7 @@ def measure(args: argparse.Namespace, logs: Path) -> dict[str, object]:
         "max_new_tokens": args.max_new_tokens,
         "requests_per_round": args.clients * args.requests_per_client,
         "tokens_per_second": rounds,
+        "tpot_p95_seconds": tpot_p95,
         "median_plain": plain,
         "median_shadowed": shadowed_median,
         "ratio": shadowed_median / plain,
@@ -161,6 +166,12 @@ def main(argv: list[str] | None = None) -> int:
         f"medians {figures['median_shadowed']:.1f} / {figures['median_plain']:.1f} = {figures['ratio']:.3f}; "
         f"median of the rounds' ratios {figures['median_paired_ratio']:.3f}; "
         f"shadow {figures['shadow']}"
+    )
+    tpot = figures["tpot_p95_seconds"]
+    print(
+        "time per output token, p95 of the requests (median of the rounds): "
+        f"plain {statistics.median(tpot['plain']) * 1000:.1f} ms, "
+        f"shadowed {statistics.median(tpot['shadowed']) * 1000:.1f} ms"
     )
     print(
         f"during the shadowed rounds: turn seconds {figures['turn_seconds_in_rounds']}, "

@@ -22,6 +22,7 @@ def test_one_run_measures_both_servers(tiny_model_dir: Path, tmp_path: Path, cap
     assert shadow_bench.main(argv) == 0
     figures = json.loads(out.read_text())
     assert [len(figures["tokens_per_second"][k]) for k in ("plain", "shadowed")] == [2, 2]
+    assert all(len(v) == 2 and all(t > 0 for t in v) for v in figures["tpot_p95_seconds"].values())
     assert figures["ratio"] == figures["median_shadowed"] / figures["median_plain"] > 0
     # every request of the shadowed server (warm-up and 2 rounds) was replayed on fp32, and took CPU turns
     assert figures["shadow"]["scored"] == 2 + 2 * 2 * 2
@@ -29,4 +30,5 @@ def test_one_run_measures_both_servers(tiny_model_dir: Path, tmp_path: Path, cap
     assert len(figures["drain_seconds"]) == 2 and len(figures["replays_scored_in_rounds"]) == 2
     assert sum(figures["replays_scored_in_rounds"]) <= 2 * 2 * 2
     assert figures["cpu_seconds_by_party"]["shadow"] > 0 and 0 < figures["turn_ratio"] <= 1
-    assert "medians" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "medians" in printed and "time per output token" in printed
