@@ -328,7 +328,7 @@ class Engine:
             self._scheduler.retire(ticket)
             if state is not None and state.kept_tokens and self._on_replay is not None:
                 try:
-                    logits = torch.stack(state.kept_logits)
+                    logits = self._output.kept_logits(state)
                     self._on_replay(list(ticket.request.prompt_ids), state.kept_tokens, logits)
                 except Exception:  # a shadow replay is never the client's problem
                     log.exception("on_replay callback failed")

@@ -156,3 +156,36 @@ def test_max_new_tokens_0_ends_at_the_prompt():
     assert event.tokens == []
     assert event.finish is not None and event.finish.finish_reason is FinishReason.LENGTH
     assert (event.finish.generated_tokens, event.finish.prompt_tokens, event.finish.generated_text) == (0, 2, "")
+
+
+def test_kept_logits_are_copied_and_stacked_on_one_thread():
+    """A shadowed request keeps a copy of each logits row: a row is big enough (a real vocabulary) for
+    a parallel region, whose spinning OpenMP worker would take a core from the next decode step."""
+    from torch.overrides import TorchFunctionMode
+
+    class ThreadsAtCopy(TorchFunctionMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[tuple[str, int]] = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in ("to", "stack"):
+                self.seen.append((func.__name__, torch.get_num_threads()))
+            return func(*args, **(kwargs or {}))
+
+    out = processor()
+    request = GenerationRequest([0], SamplingParams(max_new_tokens=2), keep_logits=True)
+    state = out.open(request, time.perf_counter())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        mode = ThreadsAtCopy()
+        with mode:
+            out.process(state, one_hot(1))
+            out.process(state, one_hot(2))
+            kept = OutputProcessor.kept_logits(state)
+    finally:
+        torch.set_num_threads(threads)
+    assert kept.shape == (2, len(VOCAB)) and state.kept_tokens == [1, 2]
+    copies = [n for name, n in mode.seen if name in ("to", "stack")]
+    assert len(copies) >= 3 and set(copies) == {1}
