@@ -103,7 +103,7 @@ def measure(args: argparse.Namespace, logs: Path) -> dict[str, object]:
                     scored_in_round.append(after["shadow"]["scored"] - before["shadow"]["scored"])
                     drain_seconds.append(_drain(urls[name]))
                 print(f"round {number + 1} {name}: {result.tokens_per_second:.1f} tok/s", file=sys.stderr)
-        info = httpx.get(f"{urls['shadowed']}/info", timeout=10).json()
+        info = _info(urls["shadowed"])
     plain, shadowed_median = statistics.median(rounds["plain"]), statistics.median(rounds["shadowed"])
     # each round's two windows ran back to back: their ratio sees less of the machine's drift
     paired = [s / p for s, p in zip(rounds["shadowed"], rounds["plain"], strict=True)]
