@@ -27,7 +27,8 @@ for every participant. Torch's OpenMP gives each thread that calls it a team of 
 such threads (two engines, or an engine and the scorer) there are more OpenMP threads than cores,
 and GNU OpenMP then stops spin-waiting, so every parallel region of every step pays a futex
 wake-up. One thread for all the work keeps one team (measured: int4 and int8 both busy in one
-process served 1.14x as many tokens as with a thread per engine). The participants' own threads only wait for their turn.
+process served 1.05x to 1.14x as many tokens as with a thread per engine, by host and day, see the
+README). The participants' own threads only wait for their turn.
 
 No torch here: a turn is a lock with an order.
 """
